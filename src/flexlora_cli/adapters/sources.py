@@ -1,0 +1,33 @@
+"""Turning what the user typed (a folder, or NAME=FOLDER) into validated adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from flexlora_cli.adapters.load import load_adapter
+from flexlora_cli.adapters.model import Adapter
+
+
+def split_name(spec: str) -> tuple[str | None, str]:
+    """'alice=path/to/adapter' -> ('alice', 'path/to/adapter'); a plain path keeps its own name.
+
+    A path that exists locally is always taken as a path, even if it contains '='.
+    """
+    if "=" in spec and not Path(spec).exists():
+        name, _, location = spec.partition("=")
+        if name and location:
+            return name, location
+    return None, spec
+
+
+def open_adapter(spec: str | Path | Adapter) -> Adapter:
+    """Load one adapter from a folder or NAME=FOLDER (already-loaded adapters pass through)."""
+    if isinstance(spec, Adapter):
+        return spec
+    name, location = split_name(str(spec))
+    return load_adapter(location, name=name)
+
+
+def open_adapters(specs: Sequence[str | Path | Adapter]) -> list[Adapter]:
+    return [open_adapter(spec) for spec in specs]

@@ -1,0 +1,1 @@
+"""The CLI room: typer commands that parse, call the library, and print."""

@@ -1,0 +1,187 @@
+"""The FlexLoRA algorithm (Bai et al., NeurIPS 2024, arXiv 2402.11505), as pure tensor math.
+
+For one adapted module, client i contributes LoRA factors A_i (r_i x d_in), B_i (d_out x r_i),
+its PEFT scaling s_i and its aggregation weight w_i. The server forms
+
+    dW = sum_i w_i * s_i * B_i @ A_i
+
+and hands every client back the best rank-r_i approximation of dW (truncated SVD).
+
+dW has rank <= R = sum_i r_i, so the dense d_out x d_in matrix is never built: with
+B_cat = [w_i s_i B_i] and A_cat = [A_i] stacked, QR-factor both (B_cat = Qb Rb,
+A_cat^T = Qa Ra); then dW = Qb (Rb Ra^T) Qa^T and the SVD of the small R x R core gives the
+exact SVD of dW.
+
+No files, no network: tensors in, tensors out. Bad arguments raise ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """One client's contribution to one module: dW_i = coeff * B @ A."""
+
+    B: Tensor  # d_out x r
+    A: Tensor  # r x d_in
+    coeff: float  # w_i * s_i
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A matrix as its (thin) SVD, U @ diag(S) @ Vh, singular values in descending order."""
+
+    U: Tensor  # d_out x k
+    S: Tensor  # k
+    Vh: Tensor  # k x d_in
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.U.shape[0], self.Vh.shape[1]
+
+    def dense(self) -> Tensor:
+        return (self.U * self.S) @ self.Vh
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling of a LoRA delta: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Client weights normalized to sum 1; uniform when none are given."""
+    if count <= 0:
+        raise ValueError("need at least one client")
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} clients")
+    values = [float(w) for w in weights]
+    if any(not math.isfinite(w) for w in values):
+        raise ValueError(f"weights must be finite numbers, got {values}")
+    if any(w < 0 for w in values):
+        raise ValueError(f"weights must not be negative, got {values}")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError(f"weights must not sum to zero, got {values}")
+    return [w / total for w in values]
+
+
+def stack_terms(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """B_cat = [c_1 B_1, ..., c_n B_n] (d_out x R) and A_cat = [A_1; ...; A_n] (R x d_in)."""
+    if not terms:
+        raise ValueError("need at least one LoRA term")
+    B_cat = torch.cat([term.B.to(dtype) * term.coeff for term in terms], dim=1)
+    A_cat = torch.cat([term.A.to(dtype) for term in terms], dim=0)
+    return B_cat, A_cat
+
+
+def dense_delta(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The full d_out x d_in update sum_i c_i B_i A_i (the reference the factored path avoids)."""
+    B_cat, A_cat = stack_terms(terms, dtype)
+    return B_cat @ A_cat
+
+
+def factored_svd(B: Tensor, A: Tensor) -> LowRank:
+    """Exact thin SVD of B @ A without forming it: QR both factors, SVD the small core."""
+    Qb, Rb = torch.linalg.qr(B)  # d_out x k_b, k_b x R
+    Qa, Ra = torch.linalg.qr(A.mT)  # d_in x k_a, k_a x R
+    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
+    return _canonical_signs(LowRank(Qb @ Uc, S, Vhc @ Qa.mT))
+
+
+def dense_svd(delta: Tensor) -> LowRank:
+    """Thin SVD of an explicit matrix (for dense inputs and as the reference path)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return _canonical_signs(LowRank(U, S, Vh))
+
+
+def merge(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> LowRank:
+    """FlexLoRA's merged update sum_i c_i B_i A_i, as its exact SVD (factored path)."""
+    return factored_svd(*stack_terms(terms, dtype))
+
+
+def numerical_rank(svd: LowRank) -> int:
+    """Count of singular values above rounding noise (the rule of torch.linalg.matrix_rank)."""
+    if svd.S.numel() == 0:
+        return 0
+    tolerance = svd.S[0] * max(svd.shape) * torch.finfo(svd.S.dtype).eps
+    return int((svd.S > tolerance).sum())
+
+
+def truncate(svd: LowRank, rank: int) -> LowRank:
+    """Best rank-`rank` approximation (Eckart-Young), as exactly `rank` components.
+
+    When `rank` exceeds the available components, the extra singular values are zero and the
+    extra right singular vectors complete Vh to an orthonormal set, as a full SVD would: the
+    client's next round then starts with live A rows instead of dead all-zero ones. (PEFT allows
+    r > min(d_out, d_in); rows beyond d_in cannot be orthonormal and stay zero.)
+    """
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    d_out, d_in = svd.shape
+    kept = min(rank, svd.S.numel())
+    U, S, Vh = svd.U[:, :kept], svd.S[:kept], svd.Vh[:kept]
+    missing = rank - kept
+    if missing:
+        completed = min(missing, d_in - kept)
+        U = torch.cat([U, U.new_zeros(d_out, missing)], dim=1)
+        S = torch.cat([S, S.new_zeros(missing)])
+        Vh = torch.cat([Vh, _orthonormal_complement(Vh, completed), Vh.new_zeros(missing - completed, d_in)])
+    return LowRank(U, S, Vh)
+
+
+def to_lora(svd: LowRank, scaling: float, balanced: bool = False) -> tuple[Tensor, Tensor]:
+    """LoRA factors (B, A) whose PEFT delta scaling * B @ A equals the given low-rank matrix.
+
+    By default the singular values go into B (B = U S / scaling, A = Vh), as in the paper;
+    `balanced` puts sqrt(S / scaling) on both sides instead.
+    """
+    if not scaling > 0:
+        raise ValueError(f"scaling must be positive, got {scaling}")
+    if balanced:
+        root = torch.sqrt(svd.S / scaling)
+        return svd.U * root, root[:, None] * svd.Vh
+    return svd.U * (svd.S / scaling), svd.Vh
+
+
+def energy_kept(S: Tensor, rank: int) -> float:
+    """Share of the squared Frobenius norm that the top `rank` singular values carry."""
+    total = float((S.double() ** 2).sum())
+    if total == 0.0:
+        return 1.0
+    return float((S[:rank].double() ** 2).sum()) / total
+
+
+def _canonical_signs(svd: LowRank) -> LowRank:
+    """Fix each singular pair's sign so the largest-magnitude entry of U's column is positive.
+
+    An SVD is unique only up to the sign of each pair; this makes outputs reproducible.
+    """
+    if svd.S.numel() == 0:
+        return svd
+    pivots = svd.U.abs().argmax(dim=0)
+    signs = torch.sign(svd.U.gather(0, pivots[None, :])).squeeze(0)
+    signs[signs == 0] = 1
+    return LowRank(svd.U * signs, svd.S, signs[:, None] * svd.Vh)
+
+
+def _orthonormal_complement(Vh: Tensor, count: int) -> Tensor:
+    """`count` orthonormal rows orthogonal to Vh's rows, deterministic (seeded)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    d_in = Vh.shape[1]
+    probe = torch.randn(d_in, count, generator=generator, dtype=torch.float64).to(Vh)
+    for _ in range(2):  # twice is enough for orthogonality to working precision
+        probe = probe - Vh.mT @ (Vh @ probe)
+    Q, _ = torch.linalg.qr(probe)
+    return Q.mT
+
