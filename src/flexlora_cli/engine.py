@@ -146,7 +146,8 @@ def averaged_extras(
 def merged_config(adapters: Sequence[Adapter], ranks: dict[str, int]) -> LoraConfig:
     """Config of a merged adapter: per-module rank `ranks[m]`, scaling 1 everywhere."""
     config = copy.deepcopy(adapters[0].config)
-    default = Counter(ranks.values()).most_common(1)[0][0]
+    counts = Counter(ranks.values())
+    default = max(counts, key=lambda rank: (counts[rank], rank))  # most common; ties: the larger
     pattern = {name: rank for name, rank in ranks.items() if rank != default}
     config.r = default
     config.lora_alpha = default
