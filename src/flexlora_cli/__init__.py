@@ -16,6 +16,7 @@ _EXPORTS = {
     "split": "flexlora_cli.api",
     "aggregate": "flexlora_cli.api",
     "inspect": "flexlora_cli.api",
+    "push_outputs": "flexlora_cli.api",
     "load_adapter": "flexlora_cli.adapters",
     "Adapter": "flexlora_cli.adapters",
     "Compute": "flexlora_cli.engine",

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from flexlora_cli import flexlora
+from flexlora_cli.adapters import card, hub
 from flexlora_cli.adapters.dense import DENSE_FILE_NAME, read_dense_delta, read_dense_layout, write_dense
 from flexlora_cli.adapters.model import Adapter, LoraModule
 from flexlora_cli.adapters.sources import open_adapter, open_adapters
 from flexlora_cli.adapters.validate import check_compatible
 from flexlora_cli.adapters.write import atomic_folder, check_output, write_adapter
+from flexlora_cli.aggregate_baselines import BASELINE_METHODS, aggregate_baseline
 from flexlora_cli.engine import (
     Compute,
     ProgressHook,
@@ -31,6 +33,7 @@ from flexlora_cli.engine import (
 from flexlora_cli.errors import AdapterError, OptionError
 
 AdapterSpec = str | Path | Adapter
+SINGLE_INPUT_NOTE = "merging a single adapter: output equals its delta"  # allowed, but likely a slip
 
 
 def merge(
@@ -51,13 +54,15 @@ def merge(
     Each module gets the numerical rank of its merged update (exact), or `rank` (truncated).
     """
     clients, client_w, output = _prepare(adapters, output, weights, num_samples, overwrite, allow_base_mismatch)
+    if dense and compute.svd == "randomized":
+        raise OptionError("--dense", "writes the exact full-size update; it cannot come from --svd randomized")
     if rank is not None:
         for adapter in clients:
             for module in adapter.modules.values():
                 check_rank_fits(rank, module, "--rank")
     tensors, ranks, deltas, modules, tally = {}, {}, {}, [], EnergyTally()
     out_dtype = compute.output_dtype(clients[0].dtype)
-    for merged in merged_modules(clients, client_w, compute, progress):
+    for merged in merged_modules(clients, client_w, compute, progress, top_k=rank):
         exact_rank = flexlora.numerical_rank(merged.svd)
         kept = rank if rank is not None else max(exact_rank, 1)
         B, A = flexlora.to_lora(flexlora.truncate(merged.svd, kept), 1.0, compute.balanced)
@@ -66,11 +71,15 @@ def merge(
         if dense:
             deltas[merged.name] = (merged.spec.kind, merged.svd.dense().to(out_dtype).cpu())
         modules.append(_module_report(merged, kept))
-        tally.add(merged.svd.S, [kept], key="kept")
+        tally.add(merged.spectrum, [kept], key="kept")
     tensors.update(averaged_extras(clients, client_w, compute.output_dtype))
     config = merged_config(clients, ranks)
+    readme = card.model_card(
+        "merge", output.name, card.describe_inputs(clients, client_w), base_model=config.base_model_name_or_path,
+        rank=card.rank_summary(ranks.values()), energy_kept=tally.overall().get("kept", 1.0),
+    )
     with atomic_folder(output) as staging:
-        write_adapter(staging, config, tensors)
+        write_adapter(staging, config, tensors, card=readme)
         if dense:
             write_dense(staging / DENSE_FILE_NAME, config, deltas)
     return {
@@ -80,6 +89,8 @@ def merge(
         "clients": _client_reports(clients, client_w),
         "modules": modules,
         "energy_kept": tally.overall().get("kept", 1.0),
+        **_svd_summary(compute, modules),
+        "notes": [SINGLE_INPUT_NOTE] if len(clients) == 1 else [],
     }
 
 
@@ -128,12 +139,18 @@ def split(
         if progress:
             progress(index + 1, len(names), name)
     extras = source.extras(compute.output_dtype)
+    is_adapter = isinstance(source, _AdapterSplitSource)
+    inputs = card.describe_inputs([source.adapter]) if is_adapter else [card.describe_file(source.path)]
     with atomic_folder(output) as staging:
         for r in ranks:
             config = copy.deepcopy(source.config)
             config.r, config.lora_alpha = r, alpha if alpha is not None else r
             config.rank_pattern, config.alpha_pattern, config.use_rslora = {}, {}, False
-            write_adapter(staging / f"rank-{r}", config, {**outputs[r], **extras})
+            readme = card.model_card(
+                "split", f"rank {r}", inputs, base_model=config.base_model_name_or_path, rank=str(r),
+                energy_kept=tally.overall().get(str(r)),
+            )
+            write_adapter(staging / f"rank-{r}", config, {**outputs[r], **extras}, card=readme)
     return {
         "command": "split",
         "source": str(merged),
@@ -155,44 +172,57 @@ def aggregate(
     overwrite: bool = False,
     allow_base_mismatch: bool = False,
     progress: ProgressHook | None = None,
+    method: str = "flexlora",
 ) -> dict[str, Any]:
     """One FlexLoRA server round: merge all clients, hand each back its own rank(s) and config.
 
     Writes OUTPUT/<client>/ per client. `ranks` overrides the clients' ranks: one value for all,
-    or one per client in order.
+    or one per client in order. `method` picks a baseline instead (hetlora, fedavg, or flora,
+    which writes one stacked OUTPUT/global/ adapter); see flexlora_cli.aggregate_baselines.
     """
+    if method != "flexlora" and method not in BASELINE_METHODS:
+        raise OptionError("--method", f"must be one of flexlora, {', '.join(BASELINE_METHODS)}; got {method!r}")
     adapters, client_w, output = _prepare(clients, output, weights, num_samples, overwrite, allow_base_mismatch)
     overrides = _rank_overrides(ranks, adapters)
     for adapter, override in zip(adapters, overrides):
         if override is not None:
             for module in adapter.modules.values():
                 check_rank_fits(override, module, "--ranks")
+    if method != "flexlora":
+        return aggregate_baseline(method, adapters, client_w, output, overrides, compute, progress)
     outputs = {adapter.name: {} for adapter in adapters}
     energy = {adapter.name: EnergyTally() for adapter in adapters}
     modules = []
-    for merged in merged_modules(adapters, client_w, compute, progress):
+    largest = max(o or m.rank for a, o in zip(adapters, overrides) for m in a.modules.values())
+    for merged in merged_modules(adapters, client_w, compute, progress, top_k=largest):
         for adapter in merged.holders:
             own = adapter.modules[merged.name]
             r = overrides[adapters.index(adapter)] or own.rank
             scaling = flexlora.lora_scaling(own.alpha, r, bool(adapter.config.use_rslora))
             B, A = flexlora.to_lora(flexlora.truncate(merged.svd, r), scaling, compute.balanced)
             _put_factors(outputs[adapter.name], own, B, A, compute.output_dtype(adapter.dtype))
-            energy[adapter.name].add(merged.svd.S, [r], key="own")
+            energy[adapter.name].add(merged.spectrum, [r], key="own")
         modules.append(_module_report(merged, None))
     extras = averaged_extras(adapters, client_w, compute.output_dtype)
+    inputs = card.describe_inputs(adapters, client_w)
     with atomic_folder(output) as staging:
         for adapter, override in zip(adapters, overrides):
             config = copy.deepcopy(adapter.config)
             if override is not None:
                 config.r, config.rank_pattern = override, {}
             own_extras = {k: v for k, v in extras.items() if k in adapter.extra_keys}
-            write_adapter(staging / adapter.name, config, {**outputs[adapter.name], **own_extras})
+            readme = card.model_card(
+                "aggregate", adapter.name, inputs, base_model=config.base_model_name_or_path,
+                rank=card.rank_summary([override] if override else [m.rank for m in adapter.modules.values()]),
+                energy_kept=energy[adapter.name].overall().get("own", 1.0),
+            )
+            write_adapter(staging / adapter.name, config, {**outputs[adapter.name], **own_extras}, card=readme)
     reports = _client_reports(adapters, client_w)
     for report, adapter, override in zip(reports, adapters, overrides):
         report["output"] = str(output / adapter.name)
         report["output_ranks"] = [override] if override else report["ranks"]
         report["energy_kept"] = energy[adapter.name].overall().get("own", 1.0)
-    return {"command": "aggregate", "method": "flexlora", "output": str(output), "clients": reports, "modules": modules}
+    return {"command": "aggregate", "method": "flexlora", "output": str(output), "clients": reports, "modules": modules, **_svd_summary(compute, modules)}
 
 
 def inspect(adapters: Sequence[AdapterSpec], spectrum: Sequence[int] | None = None, progress: ProgressHook | None = None) -> list[dict[str, Any]]:
@@ -223,6 +253,55 @@ def inspect(adapters: Sequence[AdapterSpec], spectrum: Sequence[int] | None = No
             report["spectrum"] = _spectrum(adapter, _unique_ranks(spectrum), progress)
         reports.append(report)
     return reports
+
+
+# What a --push-to-hub template may name, per command.
+PUSH_FIELDS = {"merge": (), "split": ("rank",), "aggregate": ("name",)}
+
+
+def check_push(command: str, repo: str, *, revision: str | None = None, create_pr: bool = False) -> None:
+    """Refuse a push target that cannot work, before any computation (OptionError)."""
+    hub.check_target(repo, PUSH_FIELDS[command], revision, create_pr)
+
+
+def push_outputs(
+    report: dict[str, Any],
+    repo: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Upload the adapters a verb wrote (its report says where) to the Hub; add `pushed` and `commit_urls`.
+
+    `repo` is org/name (split/aggregate outputs go into subfolders rank-<r>/ or <client>/, in one commit)
+    or a template like org/client-{name} or org/global-r{rank} (each adapter to its own repo).
+    """
+    command = report["command"]
+    check_push(command, repo, revision=revision, create_pr=create_pr)
+    root = Path(report["output"])
+    if command == "merge":
+        folders = [root]
+    elif command == "split":
+        folders = [Path(folder) for folder in report["adapters"].values()]
+    else:  # one folder per client, or one shared folder (e.g. a FLoRA global adapter)
+        folders = list(dict.fromkeys(Path(client["output"]) for client in report["clients"]))
+    items = []
+    for folder in folders:
+        subfolder = "" if folder == root else folder.relative_to(root).as_posix()
+        fields = {"name": subfolder, "rank": subfolder.removeprefix("rank-")}
+        items.append(hub.PushItem(folder, subfolder, {k: fields[k] for k in PUSH_FIELDS[command]}))
+    method = f" ({report['method']})" if report.get("method") else ""
+    pushed = hub.push(
+        items, repo, commit_message=commit_message or f"FlexLoRA {command}{method} output",
+        commit_description=f"Written by `flexlora {command}`; each adapter folder has a README.md describing its inputs.",
+        private=private, revision=revision, create_pr=create_pr, token=token,
+    )
+    report["pushed"] = pushed
+    report["commit_urls"] = [entry["url"] for entry in pushed]
+    return report
 
 
 def _prepare(specs, output, weights, num_samples, overwrite, allow_base_mismatch):
@@ -271,16 +350,24 @@ def _spectrum(adapter: Adapter, ranks: list[int], progress: ProgressHook | None)
     return {"overall": tally.overall(), "modules": modules}
 
 
+def _svd_summary(compute: Compute, modules: list[dict[str, Any]]) -> dict[str, Any]:
+    """The SVD mode, and the worst error a randomized SVD was measured to cost (on sampled modules)."""
+    errors = [m["randomized_error"] for m in modules if m.get("randomized_error") is not None]
+    return {"svd": compute.svd, "randomized_error": max(errors) if errors else None}
+
+
 def _module_report(merged, kept: int | None) -> dict[str, Any]:
     report = {
         "name": merged.name,
+        "path": merged.path,
+        "randomized_error": merged.randomized_error,
         "numerical_rank": flexlora.numerical_rank(merged.svd),
         "clients": [a.name for a in merged.holders],
         "missing_from": merged.missing,
     }
     if kept is not None:
         report["rank"] = kept
-        report["energy_kept"] = flexlora.energy_kept(merged.svd.S, kept)
+        report["energy_kept"] = flexlora.energy_kept(merged.spectrum, kept)
     return report
 
 

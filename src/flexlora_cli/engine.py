@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 
-from flexlora_cli import flexlora
+from flexlora_cli import flexlora, svd_paths
 from flexlora_cli.adapters.model import Adapter, LoraModule
 from flexlora_cli.errors import OptionError
 
@@ -38,8 +38,16 @@ class Compute:
     device: str = "auto"
     dtype: str | None = None  # output dtype; None keeps each input's dtype
     balanced: bool = False  # sqrt(S) on both factors instead of S in B
+    svd: str = "exact"  # or "randomized": only the top components a verb asks for (svd_paths)
+    path: str = "auto"  # SVD path per module: auto (cost model) or one of svd_paths.EXACT_PATHS
 
     def __post_init__(self):
+        if self.svd not in svd_paths.SVD_MODES:
+            raise OptionError("--svd", f"must be one of {list(svd_paths.SVD_MODES)}, got {self.svd!r}")
+        if self.path not in svd_paths.PATH_CHOICES:
+            raise OptionError("--svd-path", f"must be one of {list(svd_paths.PATH_CHOICES)}, got {self.path!r}")
+        if self.svd == "randomized" and self.path == "incremental":
+            raise OptionError("--svd-path", "the randomized SVD runs on the stacked or dense operator, not incremental")
         if self.precision not in _PRECISIONS:
             raise OptionError("--precision", f"must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -85,6 +93,13 @@ class MergedModule:
     svd: flexlora.LowRank
     holders: list[Adapter]
     missing: list[str]  # names of clients that did not adapt this module
+    path: str = "stacked"  # the SVD path svd_paths chose (or was told) for this module
+    randomized_error: float | None = None  # vs the exact truncation at top_k, on sampled modules only
+
+    @property
+    def spectrum(self) -> torch.Tensor:
+        """Singular values for energy shares; a randomized SVD's left-out energy comes as one more value."""
+        return self.svd.spectrum if isinstance(self.svd, svd_paths.TruncatedSVD) else self.svd.S
 
 
 def module_names(adapters: Sequence[Adapter]) -> list[str]:
@@ -96,32 +111,75 @@ def merged_modules(
     weights: Sequence[float],
     compute: Compute,
     progress: ProgressHook | None = None,
+    top_k: int | None = None,
 ) -> Iterator[MergedModule]:
-    """Stream the model module by module: read only this module's factors, merge, move on."""
+    """Stream the model module by module: read only this module's factors, merge, move on.
+
+    Each module's SVD path comes from svd_paths' cost model (or compute.path); clients are read
+    lazily inside it, one at a time. `top_k` is the largest rank the caller will take from any
+    module: with compute.svd == "randomized" only that many components are computed, and the
+    error against the exact truncation is measured on a few evenly spaced modules.
+    """
+    if compute.svd == "randomized" and top_k is None:
+        raise OptionError("--svd", "randomized needs the rank to keep (e.g. merge --rank); the exact SVD does not")
     names = module_names(adapters)
     device, dtype = compute.torch_device, compute.torch_dtype
+    checked = {round(i * (len(names) - 1) / max(_RANDOMIZED_CHECKS - 1, 1)) for i in range(_RANDOMIZED_CHECKS)}
     for index, name in enumerate(names):
         holders = [(a, w) for a, w in zip(adapters, weights) if name in a.modules]
-        terms = []
-        for adapter, weight in holders:
-            B, A = adapter.factors(name)
-            scaling = adapter.modules[name].scaling
-            terms.append(flexlora.LoraTerm(B.to(device), A.to(device), weight * scaling))
-        svd = flexlora.merge(terms, dtype)
+        spec = holders[0][0].modules[name]
+        shape, ranks = (spec.d_out, spec.d_in), [a.modules[name].rank for a, _ in holders]
+        terms = _client_terms(holders, name, device)
+        plan = _plan(compute, shape, ranks, top_k)
+        svd = svd_paths.run_path(plan, terms, shape, dtype, device)
+        error = None
+        if not plan.exact and index in checked:
+            exact = svd_paths.run_path(_plan(compute, shape, ranks, None), terms, shape, dtype, device)
+            error = svd_paths.truncation_error(svd, exact, plan.top_k)
         yield MergedModule(
             name=name,
-            spec=holders[0][0].modules[name],
+            spec=spec,
             svd=svd,
             holders=[a for a, _ in holders],
             missing=[a.name for a in adapters if name not in a.modules],
+            path=plan.path,
+            randomized_error=error,
         )
         if progress:
             progress(index + 1, len(names), name)
 
 
+# Modules on which a randomized SVD is also run exactly, to report the error it cost.
+_RANDOMIZED_CHECKS = 3
+
+
+def _plan(compute: Compute, shape: tuple[int, int], ranks: list[int], top_k: int | None) -> svd_paths.PathPlan:
+    randomized = compute.svd == "randomized" and top_k is not None
+    rates = svd_paths.CUDA_RATES if compute.torch_device.type == "cuda" else svd_paths.CPU_RATES
+    itemsize = torch.empty((), dtype=compute.torch_dtype).element_size()
+    return svd_paths.choose_path(
+        *shape, ranks, svd="randomized" if randomized else "exact", top_k=top_k if randomized else None,
+        path=compute.path, itemsize=itemsize, rates=rates,
+    )
+
+
+def _client_terms(holders: list[tuple[Adapter, float]], name: str, device: torch.device):
+    """A fresh generator per pass of each client's term for one module, read lazily from its file."""
+
+    def terms() -> Iterator[flexlora.LoraTerm]:
+        for adapter, weight in holders:
+            B, A = adapter.factors(name)
+            yield flexlora.LoraTerm(B.to(device), A.to(device), weight * adapter.modules[name].scaling)
+
+    return terms
+
+
 def check_rank_fits(rank: int, module: LoraModule, source: object) -> None:
+    """A rank the user asks for must fit every module (a client's own trained rank need not)."""
+    if rank <= 0:
+        raise OptionError(source, f"must be a positive integer, got {rank}")
     limit = min(module.d_out, module.d_in)
-    if rank <= 0 or rank > limit:
+    if rank > limit:
         raise OptionError(source, f"rank {rank} does not fit module {module.name} ({module.d_out}x{module.d_in}, at most {limit})")
 
 

@@ -8,7 +8,7 @@ class FlexLoraError(Exception):
 
     def __init__(self, source: object, problem: str, hint: str | None = None):
         self.source = str(source) if source is not None else None
-        self.problem = problem
+        self.problem = " ".join(problem.split())  # one line, even when a library's reason has several
         self.hint = hint
         super().__init__(self.message)
 

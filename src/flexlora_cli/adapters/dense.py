@@ -15,6 +15,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from flexlora_cli.adapters.load import config_from_dict
 from flexlora_cli.adapters.write import config_json
 from flexlora_cli.errors import AdapterError
 
@@ -45,16 +46,36 @@ def read_dense_layout(path: Path) -> tuple[LoraConfig, dict[str, dict]]:
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
-            keys = set(handle.keys())
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise AdapterError(path, f"not a readable safetensors file: {error}") from None
+        raise AdapterError(path, f"not a readable safetensors file (truncated or damaged): {error}") from None
     if _CONFIG_KEY not in metadata or _LAYOUT_KEY not in metadata:
         raise AdapterError(path, "not a flexlora --dense file (no flexlora metadata in its header)")
-    layout = json.loads(metadata[_LAYOUT_KEY])
-    missing = [name for name in layout if name + _WEIGHT_SUFFIX not in keys]
-    if missing:
-        raise AdapterError(path, f"missing the delta of module {missing[0]}")
-    return LoraConfig.from_peft_type(**json.loads(metadata[_CONFIG_KEY])), layout
+    try:
+        layout, raw_config = json.loads(metadata[_LAYOUT_KEY]), json.loads(metadata[_CONFIG_KEY])
+    except json.JSONDecodeError as error:
+        raise AdapterError(path, f"damaged flexlora metadata: {error}") from None
+    if not isinstance(layout, dict) or not layout:
+        raise AdapterError(path, "damaged flexlora metadata: no module layout")
+    for name, info in layout.items():
+        _check_layout(path, name, info, shapes.get(name + _WEIGHT_SUFFIX))
+    return config_from_dict(raw_config, path), layout
+
+
+def _check_layout(path: Path, name: str, info: object, stored: list[int] | None) -> None:
+    """A module's recorded layout must be well-formed and match the tensor actually stored."""
+    if stored is None:
+        raise AdapterError(path, f"missing the delta of module {name}")
+    shape = info.get("shape") if isinstance(info, dict) else None
+    valid = (
+        isinstance(info, dict) and info.get("kind") in ("linear", "embedding") and isinstance(info.get("transposed"), bool)
+        and isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)
+    )
+    if not valid:
+        raise AdapterError(path, f"damaged flexlora metadata for module {name}")
+    expected = shape[::-1] if info["transposed"] else shape
+    if stored != expected:
+        raise AdapterError(path, f"delta of module {name} is {stored} but its layout says {expected}")
 
 
 def read_dense_delta(path: Path, name: str, layout: dict) -> torch.Tensor:

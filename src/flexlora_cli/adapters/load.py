@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -61,14 +62,23 @@ def load_adapter(source: str | Path, name: str | None = None) -> Adapter:
 def read_config(folder: Path) -> LoraConfig:
     """Parse adapter_config.json and refuse what cannot be merged faithfully."""
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not config_path.exists() and not config_path.is_symlink():
         raise AdapterError(folder, f"missing {CONFIG_NAME}; is this a PEFT adapter folder?")
+    if config_path.is_dir():
+        raise AdapterError(config_path, "is a folder, not a JSON file")
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise AdapterError(config_path, f"cannot read: {error}") from None
+    except UnicodeDecodeError:
+        raise AdapterError(config_path, "cannot read: not UTF-8 text") from None
+    except OSError as error:
+        raise AdapterError(config_path, f"cannot read: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
         raise AdapterError(config_path, f"invalid JSON: {error}") from None
+    return config_from_dict(raw, config_path)
+
+
+def config_from_dict(raw: object, config_path: Path) -> LoraConfig:
+    """A LoraConfig from adapter_config.json's fields, refusing what cannot be merged faithfully."""
     if not isinstance(raw, dict):
         raise AdapterError(config_path, "expected a JSON object")
     peft_type = raw.get("peft_type")
@@ -82,16 +92,46 @@ def read_config(folder: Path) -> LoraConfig:
         raise AdapterError(config_path, "lora_bias=True is not supported")
     if raw.get("target_parameters"):
         raise AdapterError(config_path, "LoRA on target_parameters is not supported")
-    for field in ("r", "lora_alpha"):
-        value = raw.get(field)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise AdapterError(config_path, f"{field} must be a positive number, got {value!r}")
+    _check_field_types(raw, config_path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fields from newer PEFT versions are ignored
             return LoraConfig.from_peft_type(**raw)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # PEFT's checks of field values
         raise AdapterError(config_path, f"not a valid LoRA config: {error}") from None
+
+
+def _check_field_types(raw: dict, config_path: Path) -> None:
+    """Types of the fields the merge relies on: PEFT does not check them, and a wrong one would
+    surface later as a crash."""
+
+    def refuse(field: str, expected: str):
+        raise AdapterError(config_path, f"{field} must be {expected}, got {raw.get(field)!r}")
+
+    if not _positive(raw.get("r"), integer=True):
+        refuse("r", "a positive integer")
+    if not _positive(raw.get("lora_alpha")):
+        refuse("lora_alpha", "a positive number")
+    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = raw.get(field) or {}
+        valid = isinstance(pattern, dict) and all(isinstance(k, str) and _positive(v, integer) for k, v in pattern.items())
+        if not valid:
+            refuse(field, f"an object mapping module names to positive {'integers' if integer else 'numbers'}")
+    for field in ("fan_in_fan_out", "use_rslora"):
+        if not isinstance(raw.get(field, False), bool):
+            refuse(field, "true or false")
+    for field in ("target_modules", "modules_to_save"):
+        names = raw.get(field)
+        listed = isinstance(names, list) and all(isinstance(n, str) for n in names)
+        if not (names is None or isinstance(names, str) or listed):
+            refuse(field, "a string or a list of strings")
+    if not isinstance(raw.get("base_model_name_or_path") or "", str):
+        refuse("base_model_name_or_path", "a string")
+
+
+def _positive(value: object, integer: bool = False) -> bool:
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
 
 
 def module_rank_alpha(config: LoraConfig, module: str) -> tuple[int, float]:
@@ -139,7 +179,7 @@ def _tensor_index(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, tor
                 shapes[key] = tuple(slice_.get_shape())
                 dtypes[key] = _SAFETENSORS_DTYPES.get(slice_.get_dtype(), torch.int64)
     except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterError(path, f"not a readable safetensors file: {error}") from None
+        raise AdapterError(path, f"not a readable safetensors file (truncated or damaged): {error}") from None
     size = path.stat().st_size
     needed = sum(math.prod(s) * _itemsize(dtypes[k]) for k, s in shapes.items())
     if needed > size:
@@ -147,25 +187,36 @@ def _tensor_index(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, tor
     return shapes, dtypes
 
 
-_BIN_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
+_BIN_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
+_BIN_CACHE_SIZE = 64  # files; memory-mapped, so an evicted one is cheap to open again
 
 
 def _bin_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .bin state dict, loaded with weights_only=True: plain tensors only, never code."""
-    if path not in _BIN_CACHE:
+    stat = path.stat()
+    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)  # a rewritten file is read again
+    if key not in _BIN_CACHE:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # Memory-mapped (zip-format files): tensors are paged in only when a module is read,
+            # so every client's .bin stays open without holding it all in memory.
+            mmap = zipfile.is_zipfile(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about odd pickles it then refuses
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as error:  # the unpickler raises many types; all mean "not plain tensors"
             raise AdapterError(
-                path, f"not a plain tensor file, refused to unpickle it ({type(error).__name__})"
+                path,
+                f"not a plain tensor file, refused to unpickle it ({type(error).__name__})",
+                hint=f"re-save it with safe_serialization=True to get {SAFETENSORS_WEIGHTS_NAME}",
             ) from None
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
             raise AdapterError(path, "expected a dict of named tensors")
-        _BIN_CACHE.clear()  # keep at most one .bin in memory
-        _BIN_CACHE[path] = state
-    return _BIN_CACHE[path]
+        if len(_BIN_CACHE) >= _BIN_CACHE_SIZE:  # long-running servers see new files every round
+            _BIN_CACHE.pop(next(iter(_BIN_CACHE)))
+        _BIN_CACHE[key] = state
+    return _BIN_CACHE[key]
 
 
 def _index_modules(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from flexlora_cli.adapters import hub
 from flexlora_cli.adapters.load import load_adapter
 from flexlora_cli.adapters.model import Adapter
 
@@ -22,11 +23,21 @@ def split_name(spec: str) -> tuple[str | None, str]:
 
 
 def open_adapter(spec: str | Path | Adapter) -> Adapter:
-    """Load one adapter from a folder or NAME=FOLDER (already-loaded adapters pass through)."""
+    """Load one adapter from a folder, a Hub reference, or NAME=either (loaded adapters pass through).
+
+    A path that exists locally always wins; otherwise org/name[@rev] or hf://org/name[@rev][/folder]
+    is fetched from the Hub (see adapters/hub.py).
+    """
     if isinstance(spec, Adapter):
         return spec
     name, location = split_name(str(spec))
-    return load_adapter(location, name=name)
+    ref = None if Path(location).exists() else hub.parse_ref(location)
+    if ref is None:
+        return load_adapter(location, name=name)
+    folder, provenance = hub.download(ref, location)
+    adapter = load_adapter(folder, name=name or ref.name)
+    adapter.source, adapter.provenance = location, provenance
+    return adapter
 
 
 def open_adapters(specs: Sequence[str | Path | Adapter]) -> list[Adapter]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,6 +39,8 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Any]:
 
 def emit(report: Any, as_json: bool) -> None:
     """One JSON document on stdout for machines, or tables on stderr for people."""
+    for note in report.get("notes", []) if isinstance(report, dict) else []:  # stderr in both modes
+        console().print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
         return
@@ -57,6 +60,11 @@ def emit(report: Any, as_json: bool) -> None:
         out.print(f"merged adapter: [bold]{report['output']}[/] (energy kept {report['energy_kept']:.4%})")
         if report.get("dense_file"):
             out.print(f"dense update: {report['dense_file']}")
+    if report.get("svd") == "randomized":
+        error_text = "not measured" if report.get("randomized_error") is None else f"{report['randomized_error']:.2e}"
+        out.print(f"randomized SVD: relative error to the exact truncation {error_text} (worst of the modules checked against the exact SVD)")
+    if report.get("global"):
+        out.print(f"stacked global adapter: [bold]{report['global']}[/] (FLoRA: no per-client adapters; merge it into the base model)")
     missing = [m for m in report.get("modules", []) if m.get("missing_from")]
     for module in missing[:5]:
         out.print(f"[yellow]note:[/] {module['name']} was not adapted by {', '.join(module['missing_from'])} (zero update there)")
@@ -67,20 +75,20 @@ def emit(report: Any, as_json: bool) -> None:
 
 
 def error(message: str) -> None:
-    console().print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    console().print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _clients_table(report: dict) -> Table:
     table = Table(title=f"flexlora {report['command']}" + (f" ({report['method']})" if report.get("method") else ""))
     table.add_column("client")
-    table.add_column("source")
+    table.add_column("source", overflow="fold")
     table.add_column("weight", justify="right")
     table.add_column("ranks", justify="right")
     table.add_column("modules", justify="right")
     if report["command"] == "aggregate":
         table.add_column("output ranks", justify="right")
         table.add_column("energy kept", justify="right")
-        table.add_column("output")
+        table.add_column("output", overflow="fold")
     for client in report["clients"]:
         row = [client["name"], client["source"], f"{client['weight']:.4f}", _ranks(client["ranks"]), str(client["modules"])]
         if report["command"] == "aggregate":
