@@ -9,4 +9,4 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,example]"
