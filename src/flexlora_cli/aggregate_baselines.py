@@ -20,7 +20,7 @@ from typing import Any
 from flexlora_cli import baselines, flexlora
 from flexlora_cli.adapters.model import Adapter
 from flexlora_cli.adapters.write import atomic_folder, write_adapter
-from flexlora_cli.engine import Compute, ProgressHook, averaged_extras, merged_config, module_names
+from flexlora_cli.engine import Compute, ProgressHook, averaged_extras, merged_config, module_names, widest_dtype
 from flexlora_cli.errors import IncompatibleAdaptersError, OptionError
 
 BASELINE_METHODS = ("hetlora", "fedavg", "flora")
@@ -50,7 +50,7 @@ def aggregate_baseline(
         if method == "flora":
             terms = [flexlora.LoraTerm(B, A, w * a.modules[name].scaling) for (B, A), (a, w) in zip(factors, holders)]
             B, A = baselines.flora(terms, dtype)
-            _put_factors(stacked, holders[0][0].modules[name], B, A, compute.output_dtype(adapters[0].dtype))
+            _put_factors(stacked, holders[0][0].modules[name], B, A, compute.output_dtype(widest_dtype(adapters)))
             stacked_ranks[name] = A.shape[0]
         else:
             # Over the holders only: a client without this module has no factors to average.

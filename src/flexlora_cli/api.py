@@ -29,6 +29,7 @@ from flexlora_cli.engine import (
     client_weights,
     merged_config,
     merged_modules,
+    widest_dtype,
 )
 from flexlora_cli.errors import AdapterError, OptionError
 
@@ -61,7 +62,7 @@ def merge(
             for module in adapter.modules.values():
                 check_rank_fits(rank, module, "--rank")
     tensors, ranks, deltas, modules, tally = {}, {}, {}, [], EnergyTally()
-    out_dtype = compute.output_dtype(clients[0].dtype)
+    out_dtype = compute.output_dtype(widest_dtype(clients))
     for merged in merged_modules(clients, client_w, compute, progress, top_k=rank):
         exact_rank = flexlora.numerical_rank(merged.svd)
         kept = rank if rank is not None else max(exact_rank, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ class Compute:
 
     def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return _DTYPES[self.dtype] if self.dtype else input_dtype
+
+
+def widest_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
+    """The dtype that holds every input exactly (bf16 + fp16 -> fp32): for outputs shared by all clients."""
+    return functools.reduce(torch.promote_types, (adapter.dtype for adapter in adapters))
 
 
 def client_weights(

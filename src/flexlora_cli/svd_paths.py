@@ -182,9 +182,9 @@ def choose_path(
 def randomized_settings(top_k: int) -> tuple[int, int]:
     """(oversample, power iterations) of the range finder for k = top_k components.
 
-    Measured on decaying spectra without a gap at k (80 clients, paper rank mix): p = k and
-    q = 3 give 1e-5 to 7e-5 relative error to the exact truncation at k = 16..200, where
-    p = k / 2 gives 5e-4 to 7e-4 and q = 2 gives up to 3e-4 (benchmarks/CLIENTS.md).
+    Measured on decaying spectra without a gap at k (80 clients, paper rank mix, 1024x1024):
+    p = k and q = 3 give 1e-5 to 7e-5 relative error to the exact truncation at k = 16..200,
+    where p = k / 2 gives up to 7e-4 and q = 2 up to 3e-4 (benchmarks/CLIENTS.md).
     """
     return max(10, top_k), 3
 

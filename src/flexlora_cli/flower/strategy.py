@@ -46,7 +46,15 @@ from flexlora_cli.adapters.load import load_adapter
 from flexlora_cli.adapters.model import Adapter, LoraModule
 from flexlora_cli.adapters.validate import check_compatible
 from flexlora_cli.adapters.write import atomic_folder, write_adapter
-from flexlora_cli.engine import Compute, MergedModule, averaged_extras, client_weights, merged_config, merged_modules
+from flexlora_cli.engine import (
+    Compute,
+    MergedModule,
+    averaged_extras,
+    client_weights,
+    merged_config,
+    merged_modules,
+    widest_dtype,
+)
 from flexlora_cli.flower.client import ADAPTER_CONFIG_KEY, LORA_KEY
 from flexlora_cli.flower.records import from_array_record, to_array_record
 
@@ -186,7 +194,7 @@ class FlexLoRA(FedAvg):
             self._extras = averaged_extras(adapters, weights, self.compute.output_dtype)
         for reply, adapter in zip(valid, adapters):
             self.layouts[reply.metadata.src_node_id] = NodeLayout.of(adapter)
-        global_tensors, ranks = self._global_tensors(adapters[0].dtype)
+        global_tensors, ranks = self._global_tensors(widest_dtype(adapters))
         if self.save_dir is not None:
             nodes = {reply.metadata.src_node_id: {"num-examples": n, "weight": w} for reply, n, w in zip(valid, samples, weights)}
             self._save_round(server_round, merged_config(adapters, ranks), global_tensors, nodes)
