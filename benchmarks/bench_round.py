@@ -18,7 +18,8 @@ What it does, in order:
 4. Checks flexlora's written outputs against the dense fp64 truncation on the sampled modules
    (relative Frobenius difference) and exits 1 if any exceeds the tolerance.
 
-Tables go to stderr; `--json` prints one JSON document on stdout. Examples:
+Tables go to stderr; `--json` prints one JSON document on stdout, `--markdown` the tables as markdown.
+Examples:
 
     python benchmarks/bench_round.py --layers 2                      # every path, 2 layers
     python benchmarks/bench_round.py --dtype bf16 --json > round.json  # the whole 7B shape
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -192,8 +194,6 @@ def peak_rss() -> int:
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -224,6 +224,8 @@ def child_main(argv: list[str]) -> int:
     stats["in_process_seconds"] = time.perf_counter() - start
     stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     stats["peak_rss_bytes"] = peak_rss()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    stats["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to other jobs' load
     Path(stats_path).write_text(json.dumps(stats))
     return int(code)
 
@@ -417,6 +419,23 @@ def benchmark(args, workdir: Path) -> dict:
         "modules": len(modules), "dtype": args.dtype, "clients": [{"name": c.name, "rank": c.rank, "num_samples": c.num_samples} for c in clients],
         "input_bytes": folder_bytes(workdir / "clients"), "generate_seconds": generated["seconds"],
     }
+    rows, outputs = measure_rounds(args, clients, devices, available, workdir)
+    report["output_bytes"] = {device: folder_bytes(path) for device, path in outputs.items()}
+    checks, references = dense_and_accuracy(args, config, clients, weights, outputs, available, rows)
+    rows.append(peft_row(args, clients, weights, references, checks))
+    _add_ratios(rows)
+    ours = [v for check in checks for label, v in check["differences"].items() if label.startswith("flexlora")]
+    worst = max(ours, default=0.0)
+    report.update(
+        timings=rows,
+        accuracy={"tolerance": args.tolerance, "max_relative_difference": worst, "ok": worst <= args.tolerance, "modules": checks},
+        load_average_after=os.getloadavg(),
+    )
+    return report
+
+
+def measure_rounds(args, clients, devices, available, workdir):
+    """`flexlora aggregate` and the read-only floor, each as its own process, per device."""
     rows, outputs = [], {}
     folders = [str(c.path) for c in clients]
     for device in devices:
@@ -431,15 +450,19 @@ def benchmark(args, workdir: Path) -> dict:
         cli_report = json.loads(run.pop("stdout").read_text())  # the CLI's own report: one JSON document
         paths = Counter(module.get("path", "stacked") for module in cli_report["modules"])
         outputs[device] = output
-        rows.append({"path": "flexlora aggregate", "device": device, "scope": f"whole round, {args.layers} layers", "svd_paths": dict(paths), **run})
+        rows.append({"path": "flexlora aggregate", "device": device, "scope": f"whole round, {_layers(args.layers)}", "svd_paths": dict(paths), **run})
         _say(f"  {run['seconds']:.2f} s, peak RSS {_size(run['peak_rss_bytes'])}, SVD paths {dict(paths)}")
         _say(f"read inputs only --device {device}")
         read = run_measured("read", [device, *folders], workdir)
         read.pop("stdout")
-        rows.append({"path": "read inputs only", "device": device, "scope": f"whole round, {args.layers} layers", **read})
+        rows.append({"path": "read inputs only", "device": device, "scope": f"whole round, {_layers(args.layers)}", **read})
         _say(f"  {read['seconds']:.2f} s")
-    report["output_bytes"] = {device: folder_bytes(path) for device, path in outputs.items()}
+    return rows, outputs
 
+
+def dense_and_accuracy(args, config, clients, weights, outputs, available, rows):
+    """Time the dense path on the sampled modules (rows appended) and measure every path's accuracy."""
+    modules, ranks = model_modules(config), args.ranks
     sample = sample_modules(config, args.dense_sample)
     checks, dense_times, references = [], {d: {} for d in available}, {}
     for index, name in enumerate(sample):
@@ -466,28 +489,23 @@ def benchmark(args, workdir: Path) -> dict:
             "seconds": sum(dense_times[device].values()), "whole_model_seconds": whole, "estimated_shapes": estimated,
             "per_module_seconds": dense_times[device],
         })
-    if args.peft_layers > 0:
-        _say(f"PEFT add_weighted_adapter(svd) on {args.peft_layers} layer(s)")
-        peft = time_peft(args, clients, weights, references)
-        _say(f"  {peft['seconds']:.2f} s")
-        for check in checks:
-            if check["module"] in peft["differences"]:
-                check["differences"][f"PEFT svd (rank {peft['svd_rank']})"] = peft["differences"][check["module"]]
-        rows.append({
-            "path": "PEFT add_weighted_adapter(svd)", "device": "cpu", "scope": f"{peft['layers']} layer(s)",
-            **peft, "whole_model_seconds": peft["seconds"] * args.layers / peft["layers"],
-        })
-    else:
-        rows.append({"path": "PEFT add_weighted_adapter(svd)", "device": "cpu", "skipped": "--peft-layers 0"})
-    _add_ratios(rows)
-    ours = [v for check in checks for label, v in check["differences"].items() if label.startswith("flexlora")]
-    worst = max(ours, default=0.0)
-    report.update(
-        timings=rows,
-        accuracy={"tolerance": args.tolerance, "max_relative_difference": worst, "ok": worst <= args.tolerance, "modules": checks},
-        load_average_after=os.getloadavg(),
-    )
-    return report
+    return checks, references
+
+
+def peft_row(args, clients, weights, references, checks) -> dict:
+    """PEFT's timing row; its accuracy joins the sampled modules' checks."""
+    if args.peft_layers == 0:
+        return {"path": "PEFT add_weighted_adapter(svd)", "device": "cpu", "skipped": "--peft-layers 0"}
+    _say(f"PEFT add_weighted_adapter(svd) on {_layers(args.peft_layers)}")
+    peft = time_peft(args, clients, weights, references)
+    _say(f"  {peft['seconds']:.2f} s")
+    for check in checks:
+        if check["module"] in peft["differences"]:
+            check["differences"][f"PEFT svd (rank {peft['svd_rank']})"] = peft["differences"][check["module"]]
+    return {
+        "path": "PEFT add_weighted_adapter(svd)", "device": "cpu", "scope": _layers(peft["layers"]),
+        **peft, "whole_model_seconds": peft["seconds"] * args.layers / peft["layers"],
+    }
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -546,7 +564,8 @@ def summary_lines(report: dict) -> list[str]:
         f"(hidden {setup['hidden_size']}, intermediate {setup['intermediate_size']}), {setup['dtype']}; "
         f"inputs {_size(setup['input_bytes'])}",
         ("OK" if accuracy["ok"] else "FAILED") + f": worst flexlora difference {accuracy['max_relative_difference']:.1e} "
-        f"(tolerance {accuracy['tolerance']:g}) to the dense fp64 truncation at each client's rank",
+        f"(tolerance {accuracy['tolerance']:g}) to the dense fp64 truncation at each client's rank"
+        if accuracy["modules"] else "accuracy not checked (--dense-sample 0)",
     ]
 
 
@@ -561,6 +580,8 @@ def print_tables(report: dict) -> None:
         out.print(line, highlight=False)
     tables = (("One aggregation round", timing_rows(report), 3), ("Relative difference to the dense fp64 truncation", accuracy_rows(report), 1))
     for title, rows, text_columns in tables:
+        if len(rows) == 1:
+            continue
         table = Table(title=title)
         for index, header in enumerate(rows[0]):
             table.add_column(header, justify="left" if index < text_columns else "right")
@@ -574,6 +595,8 @@ def markdown(report: dict) -> str:
     """The same tables as GitHub markdown, for the README."""
     parts = ["\n\n".join(summary_lines(report))]
     for rows in (timing_rows(report), accuracy_rows(report)):
+        if len(rows) == 1:
+            continue
         lines = ["| " + " | ".join(row) + " |" for row in rows]
         lines.insert(1, "|" + "---|" * len(rows[0]))
         parts.append("\n".join(lines))
@@ -590,6 +613,10 @@ def _size(count: int) -> str:
 
 def _load(values) -> str:
     return "/".join(f"{v:.1f}" for v in values)
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer" + ("s" if count != 1 else "")
 
 
 def _say(message: str) -> None:
