@@ -12,7 +12,6 @@ factors in memory), write the output folder atomically, return a JSON-ready repo
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,17 @@ from typing import Any
 from flexlora_cli import baselines, flexlora
 from flexlora_cli.adapters.model import Adapter
 from flexlora_cli.adapters.write import atomic_folder, write_adapter
-from flexlora_cli.engine import Compute, ProgressHook, averaged_extras, merged_config, module_names, widest_dtype
+from flexlora_cli.engine import (
+    Compute,
+    ProgressHook,
+    averaged_extras,
+    client_config,
+    client_reports,
+    merged_config,
+    module_names,
+    put_factors,
+    widest_dtype,
+)
 from flexlora_cli.errors import IncompatibleAdaptersError, OptionError
 
 BASELINE_METHODS = ("hetlora", "fedavg", "flora")
@@ -37,7 +46,6 @@ def aggregate_baseline(
     progress: ProgressHook | None = None,
 ) -> dict[str, Any]:
     """One baseline round over already validated adapters; api.aggregate prepares the arguments."""
-    from flexlora_cli.api import _client_reports, _put_factors  # api imports this module lazily
 
     _check_method_fits(method, adapters, overrides)
     outputs: dict[str, dict] = {adapter.name: {} for adapter in adapters}
@@ -50,7 +58,7 @@ def aggregate_baseline(
         if method == "flora":
             terms = [flexlora.LoraTerm(B, A, w * a.modules[name].scaling) for (B, A), (a, w) in zip(factors, holders)]
             B, A = baselines.flora(terms, dtype)
-            _put_factors(stacked, holders[0][0].modules[name], B, A, compute.output_dtype(widest_dtype(adapters)))
+            put_factors(stacked, holders[0][0].modules[name], B, A, compute.output_dtype(widest_dtype(adapters)))
             stacked_ranks[name] = A.shape[0]
         else:
             # Over the holders only: a client without this module has no factors to average.
@@ -62,7 +70,7 @@ def aggregate_baseline(
                 ranks = [overrides[adapters.index(a)] or a.modules[name].rank for a, _ in holders]
                 given = baselines.hetlora(factors, shares, ranks, dtype)
             for (adapter, _), (B, A) in zip(holders, given):
-                _put_factors(outputs[adapter.name], adapter.modules[name], B, A, compute.output_dtype(adapter.dtype))
+                put_factors(outputs[adapter.name], adapter.modules[name], B, A, compute.output_dtype(adapter.dtype))
         modules.append(
             {
                 "name": name,
@@ -74,15 +82,13 @@ def aggregate_baseline(
         if progress:
             progress(index + 1, len(names), name)
     extras = averaged_extras(adapters, client_w, compute.output_dtype)
-    reports = _client_reports(adapters, client_w)
+    reports = client_reports(adapters, client_w)
     with atomic_folder(output) as staging:
         if method == "flora":
             write_adapter(staging / GLOBAL_FOLDER, merged_config(adapters, stacked_ranks), {**stacked, **extras})
         else:
             for adapter, override in zip(adapters, overrides):
-                config = copy.deepcopy(adapter.config)
-                if override is not None:
-                    config.r, config.rank_pattern = override, {}
+                config = client_config(adapter, override)
                 own_extras = {k: v for k, v in extras.items() if k in adapter.extra_keys}
                 write_adapter(staging / adapter.name, config, {**outputs[adapter.name], **own_extras})
     for report, adapter, override in zip(reports, adapters, overrides):

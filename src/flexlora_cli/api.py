@@ -26,9 +26,14 @@ from flexlora_cli.engine import (
     ProgressHook,
     averaged_extras,
     check_rank_fits,
+    client_config,
+    client_factors,
+    client_reports,
     client_weights,
     merged_config,
+    merged_factors,
     merged_modules,
+    put_factors,
     widest_dtype,
 )
 from flexlora_cli.errors import AdapterError, OptionError
@@ -64,10 +69,8 @@ def merge(
     tensors, ranks, deltas, modules, tally = {}, {}, {}, [], EnergyTally()
     out_dtype = compute.output_dtype(widest_dtype(clients))
     for merged in merged_modules(clients, client_w, compute, progress, top_k=rank):
-        exact_rank = flexlora.numerical_rank(merged.svd)
-        kept = rank if rank is not None else max(exact_rank, 1)
-        B, A = flexlora.to_lora(flexlora.truncate(merged.svd, kept), 1.0, compute.balanced)
-        _put_factors(tensors, merged.spec, B, A, out_dtype)
+        kept, B, A = merged_factors(merged.svd, rank, compute.balanced)
+        put_factors(tensors, merged.spec, B, A, out_dtype)
         ranks[merged.name] = kept
         if dense:
             deltas[merged.name] = (merged.spec.kind, merged.svd.dense().to(out_dtype).cpu())
@@ -87,7 +90,7 @@ def merge(
         "command": "merge",
         "output": str(output),
         "dense_file": str(output / DENSE_FILE_NAME) if dense else None,
-        "clients": _client_reports(clients, client_w),
+        "clients": client_reports(clients, client_w),
         "modules": modules,
         "energy_kept": tally.overall().get("kept", 1.0),
         **_svd_summary(compute, modules),
@@ -128,7 +131,7 @@ def split(
         for r in ranks:
             scaling = flexlora.lora_scaling(alpha if alpha is not None else r, r)
             B, A = flexlora.to_lora(flexlora.truncate(svd, r), scaling, compute.balanced)
-            _put_factors(outputs[r], spec, B, A, compute.output_dtype(source.dtype))
+            put_factors(outputs[r], spec, B, A, compute.output_dtype(source.dtype))
         tally.add(svd.S, ranks)
         reports.append(
             {
@@ -199,18 +202,15 @@ def aggregate(
         for adapter in merged.holders:
             own = adapter.modules[merged.name]
             r = overrides[adapters.index(adapter)] or own.rank
-            scaling = flexlora.lora_scaling(own.alpha, r, bool(adapter.config.use_rslora))
-            B, A = flexlora.to_lora(flexlora.truncate(merged.svd, r), scaling, compute.balanced)
-            _put_factors(outputs[adapter.name], own, B, A, compute.output_dtype(adapter.dtype))
+            B, A = client_factors(merged.svd, own, r, bool(adapter.config.use_rslora), compute.balanced)
+            put_factors(outputs[adapter.name], own, B, A, compute.output_dtype(adapter.dtype))
             energy[adapter.name].add(merged.spectrum, [r], key="own")
         modules.append(_module_report(merged, None))
     extras = averaged_extras(adapters, client_w, compute.output_dtype)
     inputs = card.describe_inputs(adapters, client_w)
     with atomic_folder(output) as staging:
         for adapter, override in zip(adapters, overrides):
-            config = copy.deepcopy(adapter.config)
-            if override is not None:
-                config.r, config.rank_pattern = override, {}
+            config = client_config(adapter, override)
             own_extras = {k: v for k, v in extras.items() if k in adapter.extra_keys}
             readme = card.model_card(
                 "aggregate", adapter.name, inputs, base_model=config.base_model_name_or_path,
@@ -218,7 +218,7 @@ def aggregate(
                 energy_kept=energy[adapter.name].overall().get("own", 1.0),
             )
             write_adapter(staging / adapter.name, config, {**outputs[adapter.name], **own_extras}, card=readme)
-    reports = _client_reports(adapters, client_w)
+    reports = client_reports(adapters, client_w)
     for report, adapter, override in zip(reports, adapters, overrides):
         report["output"] = str(output / adapter.name)
         report["output_ranks"] = [override] if override else report["ranks"]
@@ -314,11 +314,6 @@ def _prepare(specs, output, weights, num_samples, overwrite, allow_base_mismatch
     return adapters, client_w, output
 
 
-def _put_factors(tensors: dict, spec: LoraModule, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
-    tensors[spec.b_key] = B.to(dtype=dtype, device="cpu").contiguous()
-    tensors[spec.a_key] = A.to(dtype=dtype, device="cpu").contiguous()
-
-
 class EnergyTally:
     """Share of squared Frobenius norm kept at given ranks, summed over modules."""
 
@@ -370,20 +365,6 @@ def _module_report(merged, kept: int | None) -> dict[str, Any]:
         report["rank"] = kept
         report["energy_kept"] = flexlora.energy_kept(merged.spectrum, kept)
     return report
-
-
-def _client_reports(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": a.name,
-            "source": a.source,
-            "weight": w,
-            "ranks": sorted({m.rank for m in a.modules.values()}),
-            "modules": len(a.modules),
-            **({"provenance": a.provenance} if a.provenance else {}),
-        }
-        for a, w in zip(adapters, weights)
-    ]
 
 
 def _unique_ranks(ranks: Sequence[int]) -> list[int]:

@@ -237,3 +237,46 @@ def _union_targets(adapters: Sequence[Adapter], ranks: dict[str, int]):
 def _union_modules_to_save(adapters: Sequence[Adapter]) -> list[str] | None:
     names = sorted(set().union(*(adapter.config.modules_to_save or [] for adapter in adapters)))
     return names or None
+
+
+def put_factors(tensors: dict, spec: LoraModule, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
+    """Store one module's factors under PEFT's key names, on the CPU, in the output dtype."""
+    tensors[spec.b_key] = B.to(dtype=dtype, device="cpu").contiguous()
+    tensors[spec.a_key] = A.to(dtype=dtype, device="cpu").contiguous()
+
+
+def merged_factors(svd: flexlora.LowRank, rank: int | None, balanced: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The merged update as LoRA factors with scaling 1: at `rank`, or at its numerical rank (exact)."""
+    kept = rank if rank is not None else max(flexlora.numerical_rank(svd), 1)
+    B, A = flexlora.to_lora(flexlora.truncate(svd, kept), 1.0, balanced)
+    return kept, B, A
+
+
+def client_factors(
+    svd: flexlora.LowRank, module: LoraModule, rank: int, use_rslora: bool, balanced: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexLoRA's redistribution: the best rank-`rank` approximation, at the client's own scaling."""
+    scaling = flexlora.lora_scaling(module.alpha, rank, use_rslora)
+    return flexlora.to_lora(flexlora.truncate(svd, rank), scaling, balanced)
+
+
+def client_config(adapter: Adapter, rank_override: int | None) -> LoraConfig:
+    """The client's own config for its next round, with its rank replaced if asked."""
+    config = copy.deepcopy(adapter.config)
+    if rank_override is not None:
+        config.r, config.rank_pattern = rank_override, {}
+    return config
+
+
+def client_reports(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[dict]:
+    return [
+        {
+            "name": a.name,
+            "source": a.source,
+            "weight": w,
+            "ranks": sorted({m.rank for m in a.modules.values()}),
+            "modules": len(a.modules),
+            **({"provenance": a.provenance} if a.provenance else {}),
+        }
+        for a, w in zip(adapters, weights)
+    ]

@@ -114,7 +114,7 @@ def merge(
     weights: Weights = None,
     num_samples: NumSamples = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Truncate every module to this rank instead of keeping the exact rank.")] = None,
-    dense: Annotated[bool, typer.Option("--dense", help=f"Also write the full-size update per module to OUTPUT/flexlora_delta.safetensors.")] = False,
+    dense: Annotated[bool, typer.Option("--dense", help="Also write the full-size update per module to OUTPUT/flexlora_delta.safetensors.")] = False,
     precision: Precision = "fp32",
     device: Device = "auto",
     dtype: Dtype = None,

@@ -10,7 +10,7 @@ This strategy does one FlexLoRA server round per Flower round, with the code of
   ArrayRecord is the merged adapter, as `flexlora merge` writes it (scaling 1).
 - configure_train / configure_evaluate send every node its own adapter: the best rank-r_i
   approximation of the merged update, at the node's own rank, alpha and rsLoRA per module
-  (flexlora.truncate + flexlora.to_lora), in the node's own dtype.
+  (engine.client_factors, as `flexlora aggregate`), in the node's own dtype.
 
 Each node's LoRA layout is learnt from its replies. A node the strategy has not heard from yet
 while a global update exists (it joined late, or was not sampled before) is asked once with a
@@ -40,8 +40,6 @@ from peft import LoraConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from flexlora_cli import flexlora
-from flexlora_cli.api import _put_factors  # the CLI's own: same keys, dtype and layout
 from flexlora_cli.adapters.load import load_adapter
 from flexlora_cli.adapters.model import Adapter, LoraModule
 from flexlora_cli.adapters.validate import check_compatible
@@ -50,9 +48,12 @@ from flexlora_cli.engine import (
     Compute,
     MergedModule,
     averaged_extras,
+    client_factors,
     client_weights,
     merged_config,
+    merged_factors,
     merged_modules,
+    put_factors,
     widest_dtype,
 )
 from flexlora_cli.flower.client import ADAPTER_CONFIG_KEY, LORA_KEY
@@ -132,9 +133,8 @@ class FlexLoRA(FedAvg):
             if name not in self._merged:
                 continue  # no node trained this module in the last round
             # As `flexlora aggregate`: the node's own rank and scaling (alpha/r or alpha/sqrt(r)).
-            scaling = flexlora.lora_scaling(own.alpha, own.rank, bool(layout.config.use_rslora))
-            B, A = flexlora.to_lora(flexlora.truncate(self._merged[name].svd, own.rank), scaling, self.compute.balanced)
-            _put_factors(tensors, own, B, A, self.compute.output_dtype(layout.dtype))
+            B, A = client_factors(self._merged[name].svd, own, own.rank, bool(layout.config.use_rslora), self.compute.balanced)
+            put_factors(tensors, own, B, A, self.compute.output_dtype(layout.dtype))
         tensors.update({key: value for key, value in self._extras.items() if key in layout.extra_keys})
         return tensors
 
@@ -207,9 +207,8 @@ class FlexLoRA(FedAvg):
         tensors, ranks = {}, {}
         dtype = self.compute.output_dtype(input_dtype)
         for name, merged in self._merged.items():
-            kept = max(flexlora.numerical_rank(merged.svd), 1)
-            B, A = flexlora.to_lora(flexlora.truncate(merged.svd, kept), 1.0, self.compute.balanced)
-            _put_factors(tensors, merged.spec, B, A, dtype)
+            kept, B, A = merged_factors(merged.svd, None, self.compute.balanced)
+            put_factors(tensors, merged.spec, B, A, dtype)
             ranks[name] = kept
         tensors.update(self._extras)
         return tensors, ranks
