@@ -63,7 +63,12 @@ def start_and_kill(inputs: list[Path], output: Path, sig: int, *extra: str) -> s
     env = {**os.environ, "FLEXLORA_TEST_PAUSE_WRITES": "2"}
     command = CLI + ["aggregate", *map(str, inputs), "-o", str(output), *extra]
     started = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell runs background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+        # ignored: restore the default so that the child gets its KeyboardInterrupt as a user would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120  # the child imports torch and peft first; the machine may be busy
     while not wrote_weights_since(output.parent, started):
         assert process.poll() is None, process.communicate()
