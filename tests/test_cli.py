@@ -135,3 +135,10 @@ def test_missing_folder_is_one_line_and_exit_2(tmp_path):
     result = run("merge", tmp_path / "nope", "-o", tmp_path / "out", code=2)
     assert "nope" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "split", "aggregate", "inspect"])
+def test_help_explains_arguments_and_shows_examples(command):
+    text = run(command, "--help").output
+    assert "Examples:" in text and f"flexlora {command}" in text
+    assert "[required]" in text and "[@rev]" in text  # argument help is rendered, markup escaped

@@ -109,7 +109,7 @@ def _compute(precision: str, device: str, dtype: str | None, balanced: bool, svd
 
 @app.command()
 def merge(
-    adapters: Annotated[list[str], typer.Argument(help="Client adapters: folders or Hub repos (org/name[@rev], hf://org/name[@rev]/folder); NAME=... names a client.", show_default=False)],
+    adapters: Annotated[list[str], typer.Argument(help="Client adapters: folders or Hub repos (org/name\\[@rev], hf://org/name\\[@rev]/folder); NAME=... names a client.", show_default=False)],
     output: Output,
     weights: Weights = None,
     num_samples: NumSamples = None,
@@ -159,7 +159,7 @@ def merge(
 
 @app.command()
 def split(
-    merged: Annotated[str, typer.Argument(help="A LoRA adapter folder (e.g. from `merge`), a Hub reference (org/name[@rev], hf://org/name[@rev]/folder), or a `merge --dense` .safetensors file.", show_default=False)],
+    merged: Annotated[str, typer.Argument(help="A LoRA adapter folder (e.g. from `merge`), a Hub reference (org/name\\[@rev], hf://org/name\\[@rev]/folder), or a `merge --dense` .safetensors file.", show_default=False)],
     ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks, e.g. 8,16,64.", show_default=False)],
     output: Output,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="lora_alpha of the outputs (default: the rank, i.e. scaling 1).")] = None,
@@ -202,7 +202,7 @@ def split(
 
 @app.command()
 def aggregate(
-    clients: Annotated[list[str], typer.Argument(help="Client adapters: folders or Hub repos (org/name[@rev], hf://org/name[@rev]/folder); NAME=... names the client's output folder.", show_default=False)],
+    clients: Annotated[list[str], typer.Argument(help="Client adapters: folders or Hub repos (org/name\\[@rev], hf://org/name\\[@rev]/folder); NAME=... names the client's output folder.", show_default=False)],
     output: Output,
     weights: Weights = None,
     num_samples: NumSamples = None,
@@ -262,7 +262,7 @@ def aggregate(
 
 @app.command()
 def inspect(
-    adapters: Annotated[list[str], typer.Argument(help="Adapter folders or Hub references (org/name[@rev], hf://org/name[@rev]/folder).", show_default=False)],
+    adapters: Annotated[list[str], typer.Argument(help="Adapter folders or Hub references (org/name\\[@rev], hf://org/name\\[@rev]/folder).", show_default=False)],
     spectrum: Annotated[Optional[str], typer.Option("--spectrum", help="Comma-separated ranks: show the share of spectral energy kept at each.")] = None,
     token: Token = None,
     json_: Json = False,
