@@ -23,12 +23,12 @@ from flexlora_cli.engine import (
     Compute,
     ProgressHook,
     averaged_extras,
-    client_config,
     client_reports,
     merged_config,
     module_names,
     put_factors,
     widest_dtype,
+    write_client_adapters,
 )
 from flexlora_cli.errors import IncompatibleAdaptersError, OptionError
 
@@ -87,10 +87,7 @@ def aggregate_baseline(
         if method == "flora":
             write_adapter(staging / GLOBAL_FOLDER, merged_config(adapters, stacked_ranks), {**stacked, **extras})
         else:
-            for adapter, override in zip(adapters, overrides):
-                config = client_config(adapter, override)
-                own_extras = {k: v for k, v in extras.items() if k in adapter.extra_keys}
-                write_adapter(staging / adapter.name, config, {**outputs[adapter.name], **own_extras})
+            write_client_adapters(staging, adapters, overrides, outputs, extras)
     for report, adapter, override in zip(reports, adapters, overrides):
         if method == "flora":
             report["output"] = str(output / GLOBAL_FOLDER)

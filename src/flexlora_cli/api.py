@@ -26,7 +26,6 @@ from flexlora_cli.engine import (
     ProgressHook,
     averaged_extras,
     check_rank_fits,
-    client_config,
     client_factors,
     client_reports,
     client_weights,
@@ -35,6 +34,7 @@ from flexlora_cli.engine import (
     merged_modules,
     put_factors,
     widest_dtype,
+    write_client_adapters,
 )
 from flexlora_cli.errors import AdapterError, OptionError
 
@@ -208,16 +208,16 @@ def aggregate(
         modules.append(_module_report(merged, None))
     extras = averaged_extras(adapters, client_w, compute.output_dtype)
     inputs = card.describe_inputs(adapters, client_w)
+    cards = {
+        adapter.name: card.model_card(
+            "aggregate", adapter.name, inputs, base_model=adapter.base_model,
+            rank=card.rank_summary([override] if override else [m.rank for m in adapter.modules.values()]),
+            energy_kept=energy[adapter.name].overall().get("own", 1.0),
+        )
+        for adapter, override in zip(adapters, overrides)
+    }
     with atomic_folder(output) as staging:
-        for adapter, override in zip(adapters, overrides):
-            config = client_config(adapter, override)
-            own_extras = {k: v for k, v in extras.items() if k in adapter.extra_keys}
-            readme = card.model_card(
-                "aggregate", adapter.name, inputs, base_model=config.base_model_name_or_path,
-                rank=card.rank_summary([override] if override else [m.rank for m in adapter.modules.values()]),
-                energy_kept=energy[adapter.name].overall().get("own", 1.0),
-            )
-            write_adapter(staging / adapter.name, config, {**outputs[adapter.name], **own_extras}, card=readme)
+        write_client_adapters(staging, adapters, overrides, outputs, extras, cards)
     reports = client_reports(adapters, client_w)
     for report, adapter, override in zip(reports, adapters, overrides):
         report["output"] = str(output / adapter.name)

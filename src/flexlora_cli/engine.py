@@ -7,12 +7,14 @@ import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
 
 from flexlora_cli import flexlora, svd_paths
 from flexlora_cli.adapters.model import Adapter, LoraModule
+from flexlora_cli.adapters.write import write_adapter
 from flexlora_cli.errors import OptionError
 
 # (modules done, modules in all, current module) -> None; the CLI draws a progress bar with it.
@@ -266,6 +268,22 @@ def client_config(adapter: Adapter, rank_override: int | None) -> LoraConfig:
     if rank_override is not None:
         config.r, config.rank_pattern = rank_override, {}
     return config
+
+
+def write_client_adapters(
+    folder: Path,
+    adapters: Sequence[Adapter],
+    overrides: Sequence[int | None],
+    outputs: dict[str, dict[str, torch.Tensor]],
+    extras: dict[str, torch.Tensor],
+    cards: dict[str, str] | None = None,
+) -> None:
+    """folder/<client>/ per client: its own config (rank overridden if asked), its new factors, and
+    the averaged non-LoRA tensors it had."""
+    for adapter, override in zip(adapters, overrides):
+        own_extras = {key: value for key, value in extras.items() if key in adapter.extra_keys}
+        card = (cards or {}).get(adapter.name)
+        write_adapter(folder / adapter.name, client_config(adapter, override), {**outputs[adapter.name], **own_extras}, card)
 
 
 def client_reports(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[dict]:
