@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import peft_deltas, raw_factors, reference_delta, relative_error, write_client
-from flexlora_cli import baselines, flexlora
+from flexlora_cli import baselines, flexlora, svd_paths
 from flexlora_cli.cli.app import app
 
 runner = CliRunner()
@@ -59,7 +59,7 @@ def test_flora_stacks_exactly_with_weights_in_A_by_hand():
     torch.testing.assert_close(B, T([[1, 3], [2, 0]]))
     torch.testing.assert_close(A, T([[1.5, 2], [2, 0]]))
     torch.testing.assert_close(B @ A, T([[7.5, 2], [3, 4]]))  # 0.5 B1 A1 + 2 Bb Ab
-    torch.testing.assert_close(B @ A, flexlora.dense_delta(terms, torch.float64))
+    torch.testing.assert_close(B @ A, svd_paths.dense_accumulate(terms, (2, 2), torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -85,24 +85,18 @@ def stack_terms(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -
     return B_cat, A_cat
 
 
-def dense_delta(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> Tensor:
-    """The full d_out x d_in update sum_i c_i B_i A_i (the reference the factored path avoids)."""
-    B_cat, A_cat = stack_terms(terms, dtype)
-    return B_cat @ A_cat
-
-
 def factored_svd(B: Tensor, A: Tensor) -> LowRank:
     """Exact thin SVD of B @ A without forming it: QR both factors, SVD the small core."""
     Qb, Rb = torch.linalg.qr(B)  # d_out x k_b, k_b x R
     Qa, Ra = torch.linalg.qr(A.mT)  # d_in x k_a, k_a x R
     Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
-    return _canonical_signs(LowRank(Qb @ Uc, S, Vhc @ Qa.mT))
+    return canonical_signs(LowRank(Qb @ Uc, S, Vhc @ Qa.mT))
 
 
 def dense_svd(delta: Tensor) -> LowRank:
     """Thin SVD of an explicit matrix (for dense inputs and as the reference path)."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return _canonical_signs(LowRank(U, S, Vh))
+    return canonical_signs(LowRank(U, S, Vh))
 
 
 def merge(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> LowRank:
@@ -162,7 +156,7 @@ def energy_kept(S: Tensor, rank: int) -> float:
     return float((S[:rank].double() ** 2).sum()) / total
 
 
-def _canonical_signs(svd: LowRank) -> LowRank:
+def canonical_signs(svd: LowRank) -> LowRank:
     """Fix each singular pair's sign so the largest-magnitude entry of U's column is positive.
 
     An SVD is unique only up to the sign of each pair; this makes outputs reproducible.

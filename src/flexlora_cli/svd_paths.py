@@ -350,7 +350,7 @@ def randomized_svd(
     U_small, S, Vh = torch.linalg.svd(both[:, :width].mT, full_matrices=False)  # Q^T M = U_small S Vh
     kept = min(top_k, width)
     missed = float((both[:, width:].double() ** 2).sum()) / _TAIL_PROBES
-    svd = flexlora._canonical_signs(LowRank((Q @ U_small[:, :kept]), S[:kept], Vh[:kept]))
+    svd = flexlora.canonical_signs(LowRank((Q @ U_small[:, :kept]), S[:kept], Vh[:kept]))
     return TruncatedSVD(svd.U, svd.S, svd.Vh, tail_energy=float((S[kept:].double() ** 2).sum()) + missed)
 
 
