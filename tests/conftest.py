@@ -125,6 +125,43 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.linalg.norm(actual - expected) / max(float(torch.linalg.norm(expected)), 1e-300))
 
 
+def truncated(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """fp64 best rank-`rank` approximation by a dense SVD (the reference for every truncation)."""
+    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+def energy_shares(deltas: dict[str, torch.Tensor], ranks: dict[str, int] | int) -> tuple[float, dict[str, float]]:
+    """fp64 share of the squared Frobenius norm kept at rank r: overall (summed over modules) and per module.
+
+    sum_j sigma_j^2 = ||dW||_F^2, so the total comes from the matrix itself, not from its singular values.
+    """
+    kept, total, shares = 0.0, 0.0, {}
+    for name, delta in deltas.items():
+        rank = ranks if isinstance(ranks, int) else ranks[name]
+        S = torch.linalg.svdvals(delta.double())
+        energy = float(torch.linalg.norm(delta.double()) ** 2)
+        shares[name] = float((S[:rank] ** 2).sum()) / energy
+        kept, total = kept + shares[name] * energy, total + energy
+    return kept / total, shares
+
+
+def require(module_name: str, reason: str | None = None):
+    """Import an optional dependency, or skip the calling test module without it.
+
+    Under CI=true a missing module is a failure: a broken install must not turn into a green run.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        message = f"{module_name} is not importable ({error})" + (f": {reason}" if reason else "")
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(f"{message}; CI=true, so a missing dependency fails the run", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def clients(tmp_path_factory) -> list[Path]:
     """Three llama clients at ranks 8, 16, 64 (one with rank_pattern, one with rsLoRA)."""
@@ -134,3 +171,42 @@ def clients(tmp_path_factory) -> list[Path]:
         write_client(root / "bob", 16, seed=2, rank_pattern={"layers.1.self_attn.q_proj": 4}, alpha_pattern={"v_proj": 3.0}),
         write_client(root / "carol", 64, seed=3, use_rslora=True, lora_alpha=16),
     ]
+
+
+class FlexloraCommand:
+    """The `flexlora` console entry point (flexlora_cli.cli.app.run) for typer's CliRunner: unlike invoking
+    the typer app itself, usage errors come out as the one line users see."""
+
+    name = "flexlora"
+
+    def main(self, args=(), prog_name=None, **extra):
+        from flexlora_cli.cli.app import run
+
+        raise SystemExit(run(list(args)))
+
+
+def run(*args, code: int = 0):
+    """`flexlora ARGS` as users run it; asserts the exit code."""
+    result = invoke_flexlora(args)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def run_json(*args) -> dict:
+    """The `--json` report of `flexlora ARGS` (which must exit 0)."""
+    return json.loads(run(*args, "--json").stdout)
+
+
+def padded(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Zero-pad a LoRA factor to `rank` along its rank dimension (dim 1 for B, 0 for A)."""
+    pad = [0, 0, 0, 0]
+    pad[1 if dim == 1 else 3] = rank - tensor.shape[dim]
+    return torch.nn.functional.pad(tensor, pad)
+
+
+def invoke_flexlora(args, **kwargs):
+    """CliRunner's result of `flexlora ARGS` run as the console entry point runs it."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    return super(CliRunner, runner).invoke(FlexloraCommand(), [str(a) for a in args], **kwargs)  # click's invoke

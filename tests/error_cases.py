@@ -404,7 +404,7 @@ def ranks_unparsable(cwd):
     return ["split", "alice", "--ranks", "8,x", "-o", "out"]
 
 
-@case("--ranks with a negative rank", "must be positive integers")
+@case("--ranks with a negative rank", "must be a positive integer")
 def ranks_negative(cwd):
     return ["split", "alice", "--ranks=8,-2", "-o", "out"]
 
@@ -478,3 +478,366 @@ def output_contains_input(cwd):
 def output_under_file(cwd):
     (cwd / "blocker").write_text("a file, not a folder")
     return ["merge", "alice", "bob", "-o", "blocker/out"]
+
+
+# --- tensors, weights, Hub (issue 11) ------------------------------------------------------------
+# Dtypes are named as safetensors names them; tests/test_bad_inputs.py checks the table against every
+# dtype safetensors can hold. Hub cases that need HF_ENDPOINT set are in tests/test_bad_inputs.py.
+
+LORA_FLOATS = "LoRA factors must be float16, bfloat16, float32 or float64"
+Q0_A = Q0 + ".lora_A.weight"
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes as safetensors stores them (little-endian, row-major)."""
+    return tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+
+
+def write_raw_safetensors(path: Path, entries: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file written by hand (name -> (dtype, shape, data)): for dtypes torch cannot make."""
+    header, data = {}, b""
+    for key, (dtype, shape, raw) in entries.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def replace_factor(dtype: torch.dtype) -> Callable[[dict], None]:
+    """Q0's lora_A in another dtype, same logical shape (F4 packs two values per byte)."""
+
+    def change(tensors):
+        rows, cols = tensors[Q0_A].shape
+        if dtype == torch.float4_e2m1fn_x2:
+            tensors[Q0_A] = torch.zeros(rows, cols // 2, dtype=torch.uint8).view(dtype)
+        else:
+            tensors[Q0_A] = tensors[Q0_A].to(dtype)
+
+    return change
+
+
+@case("LoRA factors in F8_E4M3 (8-bit float)", "is F8_E4M3; " + LORA_FLOATS)
+def float8_factors(cwd):
+    edit_tensors(cwd / "bob", replace_factor(torch.float8_e4m3fn))
+    return merge("alice", "bob")
+
+
+@case("LoRA factors in F4 (4-bit float, two per byte)", "is F4; " + LORA_FLOATS)
+def float4_factors(cwd):
+    edit_tensors(cwd / "bob", replace_factor(torch.float4_e2m1fn_x2))
+    return merge("alice", "bob")
+
+
+@case("LoRA factors in F6_E3M2 (a dtype torch cannot load)", "is F6_E3M2; " + LORA_FLOATS)
+def float6_factors(cwd):
+    path = cwd / "bob" / WEIGHTS
+    tensors = load_file(str(path))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    entries = {key: ("F32", list(t.shape), raw_bytes(t)) for key, t in tensors.items()}
+    rows, cols = tensors[Q0_A].shape
+    entries[Q0_A] = ("F6_E3M2", [rows, cols], bytes(rows * cols * 6 // 8))
+    write_raw_safetensors(path, entries)
+    return merge("alice", "bob")
+
+
+@case("LoRA factors in float8 in a .bin file (named as safetensors names it)", "is F8_E5M2; " + LORA_FLOATS)
+def float8_factors_bin(cwd):
+    tensors = load_file(str(cwd / "bob" / WEIGHTS))
+    replace_factor(torch.float8_e5m2)(tensors)
+    torch.save(tensors, cwd / "bob" / "adapter_model.bin")
+    (cwd / "bob" / WEIGHTS).unlink()
+    return merge("alice", "bob")
+
+
+@case("a large int32 tensor (once reported as a truncated file)", "is I32 (non-floating-point)")
+def large_int32_tensor(cwd):
+    # 1.2 MB of int32: read as 8-byte items it would claim more bytes than the file has.
+    edit_tensors(cwd / "bob", set_tensor("base_model.model.lm_head.weight", torch.zeros(80, 3840, dtype=torch.int32)))
+    return merge("alice", "bob")
+
+
+@case("input named like rich markup (printed literally)", "[/]nope: no such file or folder")
+def markup_input_name(cwd):
+    return merge("alice", "[/]nope")
+
+
+@case("--push-to-hub while HF_HUB_OFFLINE=1 (as the tests run): refused before reading any tensor", "cannot push while HF_HUB_OFFLINE is set")
+def push_while_offline(cwd):
+    edit_tensors(cwd / "bob", poison(Q0_A, float("nan")))  # found only once tensors are read: must not come first
+    return merge("alice", "bob", "--push-to-hub", "org/fed")
+
+
+# --- config files (issue 11) ------------------------------------------------------------------
+
+
+def config_literal(folder: Path, field: str, literal: str) -> None:
+    """Set a config field to a JSON literal that Python's json cannot write (e.g. 5,000 digits)."""
+    config = json.loads((folder / CONFIG).read_text())
+    config[field] = "@"
+    (folder / CONFIG).write_text(json.dumps(config).replace('"@"', literal))
+
+
+@case("adapter_config.json is a FIFO (reading it would wait forever)", "is a named pipe (FIFO), not a regular file")
+def config_is_a_fifo(cwd):
+    (cwd / "bob" / CONFIG).unlink()
+    os.mkfifo(cwd / "bob" / CONFIG)
+    return merge("alice", "bob")
+
+
+@case("adapter_config.json is a link to /dev/zero (endless)", "is a character device, not a regular file")
+def config_is_dev_zero(cwd):
+    (cwd / "bob" / CONFIG).unlink()
+    os.symlink("/dev/zero", cwd / "bob" / CONFIG)
+    return merge("alice", "bob")
+
+
+@case("adapter_config.json of 100 MB", "expected a small JSON file (at most 16.0 MiB)")
+def config_too_large(cwd):
+    with open(cwd / "bob" / CONFIG, "r+b") as handle:
+        handle.truncate(100 * 2**20)  # the config, then zeros (sparse)
+    return merge("alice", "bob")
+
+
+@case("adapter_config.json nested 100,000 deep", "JSON nested more than 64 levels deep")
+def config_nested_deep(cwd):
+    (cwd / "bob" / CONFIG).write_text('{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return merge("alice", "bob")
+
+
+@case("r with 5,000 digits (beyond Python's int parsing limit)", "a number with more than 4300 digits")
+def rank_5000_digits(cwd):
+    config_literal(cwd / "bob", "r", "9" * 5000)
+    return merge("alice", "bob")
+
+
+@case("r with 4,000 digits", "r must be a positive integer below 2**31 (a LoRA rank), got a 4000-digit number")
+def rank_4000_digits(cwd):
+    config_literal(cwd / "bob", "r", "9" * 4000)
+    return merge("alice", "bob")
+
+
+@case("r beyond any tensor dimension", "below 2**31 (a LoRA rank), got 2147483648")
+def rank_2_pow_31(cwd):
+    edit_config(cwd / "bob", r=2**31)
+    return merge("alice", "bob")
+
+
+@case("lora_alpha 1e308 (its scaling would overflow)", "a LoRA scaling must lie between 1e-12 and 1e+12")
+def alpha_1e308(cwd):
+    edit_config(cwd / "bob", lora_alpha=1e308)
+    return merge("alice", "bob")
+
+
+@case("alpha_pattern value 1e300", "alpha_pattern['v_proj'] = 1e+300 with r = 8 gives scaling")
+def alpha_pattern_1e300(cwd):
+    edit_config(cwd / "bob", alpha_pattern={"v_proj": 1e300})
+    return merge("alice", "bob")
+
+
+@case("rank_pattern key that is not a regular expression (PEFT matches keys as regexes)", "is not a valid regular expression")
+def rank_pattern_bad_regex(cwd):
+    edit_config(cwd / "bob", rank_pattern={"(v_proj": 4})
+    return merge("alice", "bob")
+
+
+# --- output safety (issue 11) -----------------------------------------------------------------
+
+
+@case("client name that leaves the output folder (..=PATH)", "client name '..' is not a safe folder name")
+def client_name_parent(cwd):
+    return ["aggregate", "..=alice", "bob", "-o", "out"]
+
+
+@case("client name with a slash (x/y=PATH)", "client name 'x/y' is not a safe folder name")
+def client_name_slash(cwd):
+    return ["aggregate", "x/y=alice", "bob", "-o", "out"]
+
+
+@case("client name with rich markup", "client name '[bold]x' is not a safe folder name")
+def client_name_markup(cwd):
+    return ["aggregate", "[bold]x=alice", "bob", "-o", "out"]
+
+
+@case("client name longer than 96 characters", "client name is 97 characters long, more than 96")
+def client_name_too_long(cwd):
+    return ["aggregate", "a" * 97 + "=alice", "bob", "-o", "out"]
+
+
+@case("client name 'global' (reserved for the global output)", "is reserved for the round's global output folder")
+def client_name_global(cwd):
+    return ["aggregate", "global=alice", "bob", "-o", "out"]
+
+
+@case("two client names that differ only in letter case", "would share one output folder on case-insensitive")
+def client_names_letter_case(cwd):
+    return ["aggregate", "Alice=alice", "alice=bob", "-o", "out"]
+
+
+@case("two client names for one folder (x and x/)", "client name 'x/' is not a safe folder name")
+def client_names_one_folder(cwd):
+    return ["aggregate", "x=alice", "x/=bob", "-o", "out"]
+
+
+@case("--overwrite of a folder flexlora did not write", "exists and was not written by flexlora", outputs=())
+def overwrite_foreign_folder(cwd):
+    (cwd / "out").mkdir()
+    (cwd / "out" / "notes.txt").write_text("precious")
+    return [*merge("alice", "bob"), "--overwrite"]
+
+
+@case("--overwrite with an input whose weight file is a symlink into the output", "contains the input", outputs=())
+def input_linked_into_output(cwd):
+    (cwd / "out" / "alice").mkdir(parents=True)
+    (cwd / "out" / "flexlora_manifest.json").write_text(json.dumps({"written_by": "flexlora"}))
+    (cwd / "alice" / WEIGHTS).rename(cwd / "out" / "alice" / WEIGHTS)
+    (cwd / "alice" / WEIGHTS).symlink_to(Path("..", "out", "alice", WEIGHTS))
+    return ["aggregate", "alice", "bob", "-o", "out", "--overwrite"]
+
+
+@case("output is the current folder, which holds the inputs (-o .)", "contains the input", outputs=())
+def output_current_folder(cwd):
+    return ["merge", "alice", "bob", "-o", "."]
+
+
+@case("output is the file-system root", "is the root of the file system", outputs=())
+def output_root(cwd):
+    return ["merge", "alice", "bob", "-o", "/"]
+
+
+_HELD_LOCKS: list[int] = []  # lock files held by "another run" for the rest of the session
+
+
+@case("another run is writing the output folder (its lock is held)", "another flexlora run is writing", outputs=())
+def output_locked(cwd):
+    import fcntl
+
+    descriptor = os.open(cwd / ".out.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD_LOCKS.append(descriptor)
+    return merge("alice", "bob")
+
+
+# --- trust (issue 14) ------------------------------------------------------------------------------
+
+
+def aggregate(*args) -> list[str]:
+    return ["aggregate", *map(str, args), "-o", "out"]
+
+
+def private(*args) -> list[str]:
+    return aggregate("alice", "bob", "--clip", "1", "--dp-noise", "1", *args)
+
+
+def ledger_file(path: Path, base_model: str, modules: str = "0" * 64) -> None:
+    """A well-formed DP ledger (the format of flexlora_cli/adapters/ledger.py, checksum computed here)."""
+    import hashlib
+
+    body = {"format": "flexlora-dp-ledger", "version": 1, "federation": {"id": "f00d", "base_model": base_model, "modules": modules},
+            "rounds": [{"noise_multiplier": 1.0, "sampling_rate": 1.0, "time": "2026-01-01T00:00:00Z"}]}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    path.write_text(json.dumps({**body, "sha256": digest}))
+
+
+@case("--dp-noise without --clip", "--dp-noise: needs --clip C")
+def dp_noise_without_clip(cwd):
+    return aggregate("alice", "bob", "--dp-noise", "1")
+
+
+@case("--clip that is not positive", "--clip: must be a positive number")
+def clip_not_positive(cwd):
+    return aggregate("alice", "bob", "--clip", "0")
+
+
+@case("--dp-noise that is not positive", "--dp-noise: the noise multiplier must be positive")
+def dp_noise_not_positive(cwd):
+    return aggregate("alice", "bob", "--clip", "1", "--dp-noise", "-0.5")
+
+
+@case("--dp-noise with --num-samples (sample counts are private data)", "--num-samples: cannot be used with --dp-noise")
+def dp_noise_with_num_samples(cwd):
+    return private("--num-samples", "10,20")
+
+
+@case("--dp-noise with --screen (screening depends on the data)", "--screen: cannot be used with --dp-noise")
+def dp_noise_with_screen(cwd):
+    return private("--screen")
+
+
+@case("--dp-noise with a method whose update is not a linear SVD (hetlora)", "--dp-noise: hetlora's global update is not a fixed linear")
+def dp_noise_with_hetlora(cwd):
+    return private("--method", "hetlora")
+
+
+@case("--dp-noise with modules_to_save tensors", "has modules_to_save tensors")
+def dp_noise_with_modules_to_save(cwd):
+    from conftest import write_client
+
+    write_client(cwd / "carol", 4, seed=3, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    return aggregate("alice", "carol", "--clip", "1", "--dp-noise", "1")
+
+
+@case("--dp-noise with --push-to-hub to one repo (it would list the participants)", "--push-to-hub: with --dp-noise one repo would hold")
+def dp_noise_push_one_repo(cwd):
+    return private("--push-to-hub", "org/fed")
+
+
+@case("--dp-delta outside (0, 1)", "--dp-delta: must be in (0, 1)")
+def dp_delta_outside(cwd):
+    return private("--dp-delta", "1.5")
+
+
+@case("--dp-sampling-rate outside (0, 1]", "--dp-sampling-rate: must be in (0, 1]")
+def dp_sampling_rate_outside(cwd):
+    return private("--dp-sampling-rate", "0")
+
+
+@case("--seed without --dp-noise", "--seed: only applies with --dp-noise")
+def seed_without_dp_noise(cwd):
+    return aggregate("alice", "bob", "--seed", "3")
+
+
+@case("DP ledger of another federation (another base model)", "this ledger belongs to another federation")
+def dp_ledger_other_federation(cwd):
+    ledger_file(cwd / "rounds.json", "other-model")
+    return private("--dp-ledger", "rounds.json")
+
+
+@case("DP ledger edited (its checksum does not match)", "is corrupt: its checksum does not match its content")
+def dp_ledger_edited(cwd):
+    ledger_file(cwd / "rounds.json", "tiny-llama")
+    document = json.loads((cwd / "rounds.json").read_text())
+    document["rounds"] = []
+    (cwd / "rounds.json").write_text(json.dumps(document))
+    return private("--dp-ledger", "rounds.json")
+
+
+@case("DP ledger that is not JSON", "rounds.json: invalid JSON")
+def dp_ledger_not_json(cwd):
+    (cwd / "rounds.json").write_text("rounds: 3\n")
+    return private("--dp-ledger", "rounds.json")
+
+
+@case("DP ledger inside the output folder (replaced every round)", "is inside the output folder")
+def dp_ledger_inside_output(cwd):
+    return private("--dp-ledger", "out/rounds.json")
+
+
+@case("--screen with fewer than 3 clients", "--screen: screening compares each client with the median")
+def screen_two_clients(cwd):
+    return aggregate("alice", "bob", "--screen")
+
+
+@case("--screen-threshold without --screen", "--screen-threshold: only applies with --screen")
+def screen_threshold_alone(cwd):
+    return aggregate("alice", "bob", "--screen-threshold", "3")
+
+
+@case("--screen-refuse with a client whose B is 1000x too large", "the round was refused (--screen-refuse)")
+def screen_refuse_poisoned(cwd):
+    import shutil
+
+    shutil.copytree(cwd / "alice", cwd / "carol")
+    shutil.copytree(cwd / "alice", cwd / "mallory")
+    edit_tensors(cwd / "mallory", lambda tensors: tensors.update({k: v * 1000 for k, v in tensors.items() if ".lora_B." in k}))
+    return aggregate("alice", "bob", "carol", "mallory", "--screen-refuse")

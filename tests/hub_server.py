@@ -2,7 +2,8 @@
 
 It serves exactly the endpoints that huggingface_hub 2.4 calls to create a repo, create a branch,
 validate a README, ask for upload modes (preupload), commit (NDJSON), resolve a revision, list a
-tree, and HEAD/GET a file (with the X-Repo-Commit and ETag headers `hf_hub_download` requires).
+tree, and HEAD/GET a file (with the X-Repo-Commit and ETag headers `hf_hub_download` requires), and
+whoami-v2 (which flexlora asks before computing anything it will push), answering with `token_role`.
 Every file is a regular git blob: preupload never answers "lfs", so no LFS/Xet storage is needed.
 
 Repos live in memory as git-like commits; every request is recorded in `requests` so that a test
@@ -66,8 +67,9 @@ class Request:
 class HubServer:
     """The fake Hub; a context manager that serves on an ephemeral port and stops on exit."""
 
-    def __init__(self, token: str | None = None):
+    def __init__(self, token: str | None = None, token_role: str = "write"):
         self.token = token
+        self.token_role = token_role  # what whoami-v2 says the token may do: "write", "read" or "fineGrained"
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[Request] = []
         self._counter = itertools.count(1)
@@ -168,6 +170,8 @@ def _handler_for(hub: HubServer):
                 return self._create_repo(json.loads(body))
             if method == "POST" and url.path == "/api/validate-yaml":
                 return _json({"errors": [], "warnings": []})
+            if method == "GET" and url.path == "/api/whoami-v2":
+                return self._whoami()
             if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
                 repo_type, repo_id, rest = parts[1][:-1], f"{parts[2]}/{parts[3]}", parts[4:]
                 write = method == "POST"
@@ -224,6 +228,13 @@ def _handler_for(hub: HubServer):
                 raise _Reply(409, message, body={"error": message, "url": url})  # the client reads "url"
             hub.create_repo(repo_id, repo_type, private=payload.get("visibility") == "private")
             return _json({"url": url, "name": repo_id})
+
+        def _whoami(self):
+            if not self.headers.get("Authorization") or not hub.token or not self._authorized():
+                raise _Reply(401, "Invalid credentials in Authorization header")
+            return _json(
+                {"type": "user", "name": "tester", "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": hub.token_role}}}
+            )
 
         def _create_branch(self, repo: Repo, branch: str, payload: dict):
             if branch in repo.refs:

@@ -6,19 +6,12 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from conftest import peft_deltas, reference_delta, relative_error, write_client
+from conftest import peft_deltas, reference_delta, relative_error, run_json, write_client
 from flexlora_cli import load_adapter
-from flexlora_cli.cli.app import app
-
-runner = CliRunner()
 
 
-def run_json(*args):
-    result = runner.invoke(app, [str(a) for a in args] + ["--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+
 
 
 def test_embedding_lora_and_modules_to_save_are_merged(tmp_path):

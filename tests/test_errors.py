@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_client
+from conftest import invoke_flexlora, write_client
 from error_cases import CASES, MARKER, Case
 from flexlora_cli.cli.app import app
 
@@ -53,7 +53,7 @@ def run_case(case: Case, pristine: Path, workdir: Path, monkeypatch) -> str:
     args = case.build(workdir)
     watched = {workdir / out for out in case.outputs}
     before = snapshot(workdir, skip=watched)
-    result = runner.invoke(app, args)
+    result = invoke_flexlora(args)
     lines = result.stderr.splitlines()
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # no traceback
@@ -96,32 +96,56 @@ def test_debug_shows_the_traceback(pristine, tmp_path, monkeypatch):
     assert isinstance(runner.invoke(app, ["merge", "nope", "-o", "out"]).exception, AdapterError)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
-def test_permission_denied_config(pristine, tmp_path, monkeypatch):
+def _without_file_read_override() -> None:
+    """In a child about to exec, as root: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so the exec'd process obeys file modes like any user when it reads and writes (it stays uid 0, so it can still run an
+    interpreter installed under /root, which `nobody` could not)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_permission_denied_config(pristine, tmp_path):
+    """Tested as root too (CI runs as root): the CLI runs in a child process without the capabilities
+    that let root read any file."""
+    import subprocess
+    import sys
+
     shutil.copytree(pristine / "alice", tmp_path / "alice")
     (tmp_path / "alice" / "adapter_config.json").chmod(0)
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["merge", "alice", "-o", "out"])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip() == "Error: alice/adapter_config.json: cannot read: Permission denied"
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    done = subprocess.run(
+        [sys.executable, "-c", "from flexlora_cli.cli.app import main; main()", "merge", "alice", "-o", "out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        preexec_fn=_without_file_read_override if as_root else None,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "Error: alice/adapter_config.json: cannot read: Permission denied"
+    assert done.stdout == "" and not (tmp_path / "out").exists()
 
 
-def test_unwritable_output_location(pristine, tmp_path, monkeypatch):
+def test_unwritable_output_location(pristine, tmp_path):
+    """Tested as root too: the CLI runs in a child process without the capabilities that let root write
+    in any folder."""
+    import subprocess
+    import sys
+
     shutil.copytree(pristine / "alice", tmp_path / "alice")
-    monkeypatch.chdir(tmp_path)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root may write in any folder: use a special one
-        locked = Path("/sys")
-    else:
-        (tmp_path / "locked").mkdir(mode=0o500)
-        locked = Path("locked")
-    result = runner.invoke(app, ["merge", "alice", "-o", str(locked / "out")])
-    if result.exit_code == 0:
-        pytest.skip(f"{locked} is writable here")
-    assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
-    assert message.startswith(f"Error: {locked / 'out'}: cannot write in {locked.resolve()} ("), message
-    assert "permission denied" in message or "not permitted" in message or "read-only" in message, message
-    assert not (tmp_path / "alice" / "out").exists() and len(message.splitlines()) == 1
+    (tmp_path / "locked").mkdir(mode=0o500)
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    done = subprocess.run(
+        [sys.executable, "-c", "from flexlora_cli.cli.app import main; main()", "merge", "alice", "-o", "locked/out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        preexec_fn=_without_file_read_override if as_root else None,
+    )
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith(f"Error: locked/out: cannot write in {(tmp_path / 'locked').resolve()} ("), message
+    assert "permission denied" in message, message
+    assert done.stdout == "" and not (tmp_path / "locked" / "out").exists() and len(message.splitlines()) == 1
 
 
 def test_a_single_input_is_merged_with_a_note(pristine, tmp_path, monkeypatch):
@@ -159,7 +183,8 @@ def render_table(messages: dict[str, str], commands: dict[str, list[str]]) -> st
     lines += [
         "",
         "Also handled, with messages that depend on the platform: an `adapter_config.json` without read",
-        "permission (`alice/adapter_config.json: cannot read: Permission denied`; tested when not run as root)",
+        "permission (`alice/adapter_config.json: cannot read: Permission denied`; tested as root too, without root's",
+        "capabilities to read and write any file)",
         "and an output location where the OS refuses to create a folder (`out: cannot write in <folder>",
         "(permission denied)`, or `(operation not permitted)`, `(read-only file system)`).",
         "",

@@ -1,6 +1,6 @@
 """FlexLoRA on Flower: the strategy's rounds equal `flexlora aggregate` on the same client adapters.
 
-Needs the `flower` extra (flwr[simulation], which brings Ray); skipped without it.
+Needs the `flower` extra (flwr[simulation], which brings Ray); skipped without it, a failure under CI=true.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import raw_factors, reference_delta, relative_error
+from conftest import raw_factors, reference_delta, relative_error, require
 
-pytest.importorskip("flwr")
-pytest.importorskip("ray")
+require("flwr", 'the flower extra: pip install -e ".[flower]"')
+require("ray", 'the flower extra: pip install -e ".[flower]"')
 
 from flwr.app import ArrayRecord, ConfigRecord  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
@@ -87,6 +87,11 @@ def flower_rounds(tmp_path_factory):
     return save_dir, strategy
 
 
+def adapter_folders(folder: Path) -> list[Path]:
+    """The per-node adapter folders in a round's folder (files beside them, such as a manifest, are not nodes)."""
+    return sorted(path for path in folder.iterdir() if path.is_dir())
+
+
 def node_rank(folder: Path) -> int:
     return json.loads((folder / "adapter_config.json").read_text())["r"]
 
@@ -100,7 +105,7 @@ def test_each_flower_round_equals_flexlora_aggregate(flower_rounds, server_round
     save_dir, _ = flower_rounds
     round_dir = save_dir / f"round-{server_round}"
     # In the strategy's order (by node id), so that even bf16 outputs agree to the last bit.
-    received = sorted((round_dir / "received").iterdir(), key=lambda folder: int(folder.name.removeprefix("node-")))
+    received = sorted(adapter_folders(round_dir / "received"), key=lambda folder: int(folder.name.removeprefix("node-")))
     assert sorted(node_rank(folder) for folder in received) == [2, 4, 8]
     samples = [EXAMPLES_PER_RANK * node_rank(folder) for folder in received]
 
@@ -131,7 +136,7 @@ def test_bf16_node_trains_and_receives_bf16(flower_rounds):
     save_dir, strategy = flower_rounds
     for stage in ("received", "nodes"):
         for server_round in (1, 2):
-            for folder in (save_dir / f"round-{server_round}" / stage).iterdir():
+            for folder in adapter_folders(save_dir / f"round-{server_round}" / stage):
                 expected = torch.bfloat16 if node_rank(folder) == 8 else torch.float32
                 tensors = load_file(folder / "adapter_model.safetensors")
                 assert tensors and {tensor.dtype for tensor in tensors.values()} == {expected}, folder
@@ -139,16 +144,24 @@ def test_bf16_node_trains_and_receives_bf16(flower_rounds):
 
 
 def test_second_round_starts_from_each_nodes_own_share(flower_rounds):
-    """Round 2's uploads are the adapters sent after round 1 plus two small local steps.
+    """Round 2's uploads are the adapters sent after round 1 plus two local AdamW steps (lr 0.01).
 
-    A is the orthonormal Vh the server sent; two AdamW steps (lr 0.01) move it a little, while a
-    fresh LoRA initialization would be unrelated to it.
+    A is the orthonormal Vh the server sent (||A||_F = sqrt(r)). Adam's first step moves every entry by
+    exactly lr; its second, with the default betas, by at most 1.0013 lr (Cauchy-Schwarz on the
+    bias-corrected moments); AdamW's decay adds lr * 0.01 * |a|. So the relative change is at most
+    2 lr (1.0013 sqrt(d_in) + 0.01), plus bf16 rounding of each step for the bf16 node (half an ulp of
+    the largest entry per entry). A fresh LoRA initialization would be about 1.15 away.
     """
     save_dir, _ = flower_rounds
-    for sent in (save_dir / "round-1" / "nodes").iterdir():
+    steps, lr = 2, 0.01
+    for sent in adapter_folders(save_dir / "round-1" / "nodes"):
         returned = save_dir / "round-2" / "received" / sent.name
         before, after = raw_factors(sent), raw_factors(returned)
         assert set(before) == set(after)
+        dtype = DTYPES[{r: p for p, r in RANKS.items()}[node_rank(sent)]]
         for name, (_, A_sent, _) in before.items():
             change = relative_error(after[name][1], A_sent)
-            assert 0 < change < 0.5, (sent.name, name, change)
+            d_in = A_sent.shape[1]
+            rounding = torch.finfo(dtype).eps / 2 * float(A_sent.abs().max()) if dtype != torch.float32 else 0.0
+            limit = steps * (lr * (1.0013 * d_in**0.5 + 0.01) + rounding * d_in**0.5)
+            assert 0 < change <= limit, (sent.name, name, change, limit)

@@ -8,7 +8,6 @@ and point HF_ENDPOINT at it: every byte pushed or pulled crosses real HTTP.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -16,28 +15,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import write_client
+from conftest import run, run_json, write_client
 from flexlora_cli.adapters import open_adapter
 from flexlora_cli.adapters.hub import HubRef, parse_ref
-from flexlora_cli.cli.app import app
 from hub_server import HubServer, git_blob_id
 
-runner = CliRunner()
 TOKEN = "hf_flexloraTOKENnotToBeSeen_4f9c2e7a"  # distinctive: searched for in every output
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
 
 
-def run_json(*args):
-    return json.loads(run(*args, "--json").stdout)
 
 
 def error_line(*args) -> str:

@@ -13,6 +13,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import truncated
 from flexlora_cli import flexlora
 
 settings.register_profile("flexlora", max_examples=40, deadline=None, derandomize=True)
@@ -120,7 +121,9 @@ def test_split_error_equals_the_discarded_singular_values(c, data):
     approximation = flexlora.truncate(flexlora.merge(c.terms(), F64), rank).dense()
     discarded = float(torch.sqrt((S_ref[rank:] ** 2).sum()))
     assert abs(norm(approximation - dW) - discarded) <= 1e-9 * max(norm(dW), 1.0)
-    assert flexlora.energy_kept(S_ref, rank) <= 1.0 + 1e-12
+    # the share kept is 1 - ||dW - T_r(dW)||^2 / ||dW||^2, both norms of explicit fp64 matrices
+    expected = 1.0 - norm(truncated(dW, rank) - dW) ** 2 / norm(dW) ** 2 if norm(dW) > 0 else 1.0
+    assert flexlora.energy_kept(S_ref, rank) == pytest.approx(expected, abs=1e-9)
 
 
 @given(clients(), st.data(), st.floats(0.1, 8.0))
@@ -190,3 +193,36 @@ def test_a_client_rank_above_min_dimension_is_padded_not_refused(c, extra):
     live = min(rank, d_in)  # rows beyond d_in cannot be orthonormal; they stay zero
     assert close(padded.Vh[:live] @ padded.Vh[:live].mT, torch.eye(live, dtype=F64), 1.0)
     assert largest(padded.Vh[live:]) == 0.0
+
+
+@given(clients(), st.booleans())
+def test_signs_are_canonical_the_largest_entry_of_each_u_column_is_positive(c, dense):
+    """flexlora.canonical_signs, on both SVD paths: outputs are reproducible, not LAPACK's sign choice."""
+    dW = c.reference()
+    svd = flexlora.dense_svd(dW) if dense else flexlora.merge(c.terms(), F64)
+    live = svd.S > 1e-9 * max(largest(svd.S), 1e-300)  # a sign is only defined where S > 0
+    U = svd.U[:, live]
+    assert bool((U.gather(0, U.abs().argmax(dim=0)[None, :]) > 0).all())
+    assert close(svd.dense(), dW, norm(dW))  # each pair flipped together: still an SVD of dW
+
+
+@given(clients(), st.floats(0.1, 8.0), st.integers(1, 6))
+def test_balanced_factors_carry_the_square_root_of_s_each(c, scaling, rank):
+    svd = flexlora.truncate(flexlora.merge(c.terms(), F64), rank)
+    B, A = flexlora.to_lora(svd, scaling, balanced=True)
+    root = torch.sqrt(svd.S / scaling)
+    assert close(torch.linalg.vector_norm(B, dim=0), root, 1.0)
+    live = svd.S > 0
+    assert close(torch.linalg.vector_norm(A, dim=1)[live], root[live], 1.0)
+    B_plain, A_plain = flexlora.to_lora(svd, scaling)  # the default: S in B, orthonormal A
+    assert close(torch.linalg.vector_norm(B_plain, dim=0), svd.S / scaling, 1.0)
+    assert close(scaling * B @ A, scaling * B_plain @ A_plain, norm(svd.dense()))
+
+
+def test_balanced_keeps_live_a_rows_past_the_rank_like_the_default():
+    B1, A1 = random_factors(6, 5, 2, seed=0)
+    svd = flexlora.truncate(flexlora.merge([flexlora.LoraTerm(B1, A1, 1.0)], F64), 4)  # rank 4 > rank 2 of the update
+    _, A_plain = flexlora.to_lora(svd, 2.0)
+    _, A_balanced = flexlora.to_lora(svd, 2.0, balanced=True)
+    assert bool((torch.linalg.vector_norm(A_plain, dim=1) > 0.5).all())  # the default: every row live
+    assert bool((torch.linalg.vector_norm(A_balanced, dim=1) > 0).all())

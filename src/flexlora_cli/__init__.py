@@ -1,6 +1,6 @@
 """flexlora: federated LoRA aggregation across heterogeneous client ranks (FlexLoRA, NeurIPS 2024).
 
-    from flexlora_cli import merge, split, aggregate, inspect, load_adapter
+    from flexlora_cli import merge, split, aggregate, inspect, fold, load_adapter
 
 Imports are lazy so that the CLI's --help does not pay for torch.
 """
@@ -16,10 +16,12 @@ _EXPORTS = {
     "split": "flexlora_cli.api",
     "aggregate": "flexlora_cli.api",
     "inspect": "flexlora_cli.api",
-    "push_outputs": "flexlora_cli.api",
+    "Push": "flexlora_cli.api",
+    "fold": "flexlora_cli.fold",
     "load_adapter": "flexlora_cli.adapters",
     "Adapter": "flexlora_cli.adapters",
-    "Compute": "flexlora_cli.engine",
+    "Compute": "flexlora_cli.compute",
+    "METHODS": "flexlora_cli.methods.registry",
     "FlexLoraError": "flexlora_cli.errors",
 }
 

@@ -27,7 +27,21 @@ class IncompatibleAdaptersError(FlexLoraError):
 
 
 class OptionError(FlexLoraError):
-    """A command-line option or API argument is invalid."""
+    """An argument is invalid. `option` names the API parameter (e.g. "num_samples"); the CLI shows it as
+    its flag (--num-samples). Without `option`, `source` names the input the problem is about."""
+
+    def __init__(self, source: object, problem: str, hint: str | None = None, *, option: str | None = None):
+        self.option = option
+        super().__init__(option if option is not None else source, problem, hint)
+
+    @classmethod
+    def argument(cls, option: str, problem: str, hint: str | None = None) -> OptionError:
+        """A bad value of the API parameter `option`."""
+        return cls(None, problem, hint, option=option)
+
+    def renamed(self, source: str) -> OptionError:
+        """The same error, shown against `source` (the CLI's flag for the parameter)."""
+        return OptionError(source, self.problem, self.hint)
 
 
 class OutputError(FlexLoraError):

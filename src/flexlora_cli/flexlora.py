@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flexlora_cli import qr
+
 
 @dataclass(frozen=True)
 class LoraTerm:
@@ -65,15 +67,22 @@ def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float
         return [1.0 / count] * count
     if len(weights) != count:
         raise ValueError(f"got {len(weights)} weights for {count} clients")
-    values = [float(w) for w in weights]
+    try:
+        values = [float(w) for w in weights]
+    except OverflowError:  # an integer (a sample count) beyond the float range
+        raise ValueError("weights must be finite numbers, at most 1.8e308") from None
     if any(not math.isfinite(w) for w in values):
         raise ValueError(f"weights must be finite numbers, got {values}")
     if any(w < 0 for w in values):
         raise ValueError(f"weights must not be negative, got {values}")
-    total = math.fsum(values)
-    if total <= 0:
+    if max(values) <= 0:
         raise ValueError(f"weights must not sum to zero, got {values}")
-    return [w / total for w in values]
+    # Scale by a power of two first: exact, so ordinary weights normalize bit for bit as without it,
+    # while the sum of huge weights (1e308 + 1e308) cannot overflow and subnormal ones keep their ratios.
+    exponent = math.frexp(max(values))[1]
+    scaled = [math.ldexp(w, -exponent) for w in values]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def stack_terms(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -86,7 +95,33 @@ def stack_terms(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -
 
 
 def factored_svd(B: Tensor, A: Tensor) -> LowRank:
-    """Exact thin SVD of B @ A without forming it: QR both factors, SVD the small core."""
+    """Exact thin SVD of B @ A without forming it: orthonormal bases of both factors, SVD of the small core.
+
+    fp32 stacks narrow against the module (R <= min(d_out, d_in) * qr.GRAM_MAX_WIDTH) take the
+    Gram-matrix QR of `flexlora_cli.qr` (fp64 Gram matrices, GEMM speed), accurate to fp32 rounding
+    also when the stack is nearly or exactly rank-deficient or its columns differ in scale by many
+    orders; the exactly dependent directions are dropped, so the result may hold fewer than R
+    components (`truncate` pads past them). fp64 factors, and wider stacks (where the R^3 work
+    dominates and Householder's is smaller), take Householder QR (torch.linalg.qr): fp64 accuracy,
+    min(R, d_out, d_in) components.
+    """
+    if not qr.gram_qr_pays(B.shape[0], A.shape[1], B.shape[1]) or B.dtype != torch.float32 or A.dtype != torch.float32:
+        return _householder_svd(B, A)
+    b, a = qr.gram_qr(B), qr.gram_qr(A.mT)
+    if not min(b.rank, a.rank):
+        return LowRank(B.new_zeros(B.shape[0], 0), B.new_zeros(0), A.new_zeros(0, A.shape[1]))
+    # The core Q_b^T (B A) Q_a = T_b T_a^T (k_b x k_a) and its SVD in fp32, as Householder QR's core
+    # was: its rounding is fp32's relative to the core's norm, and fp32 costs half of fp64.
+    norm = float(b.T.abs().max() * a.T.abs().max()) or 1.0
+    core = (b.T / b.T.abs().max()).float() @ (a.T / a.T.abs().max()).float().mT
+    Uc, S, Vhc = (part.to(torch.float64) for part in torch.linalg.svd(core, full_matrices=False))
+    U = qr.combine(B, b, Uc)
+    Vh = qr.combine(A.mT, a, Vhc.mT, rows=True)
+    return canonical_signs(LowRank(U, (S * norm).float(), Vh))
+
+
+def _householder_svd(B: Tensor, A: Tensor) -> LowRank:
+    """factored_svd through Householder QR of both factors (fp64 factors, stacks as wide as the module)."""
     Qb, Rb = torch.linalg.qr(B)  # d_out x k_b, k_b x R
     Qa, Ra = torch.linalg.qr(A.mT)  # d_in x k_a, k_a x R
     Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
@@ -138,13 +173,15 @@ def to_lora(svd: LowRank, scaling: float, balanced: bool = False) -> tuple[Tenso
     """LoRA factors (B, A) whose PEFT delta scaling * B @ A equals the given low-rank matrix.
 
     By default the singular values go into B (B = U S / scaling, A = Vh), as in the paper;
-    `balanced` puts sqrt(S / scaling) on both sides instead.
+    `balanced` puts sqrt(S / scaling) on both sides instead. Either way, a component with S = 0 (past
+    the update's rank) keeps its unit row of A and a zero column of B, so that the client's next round
+    starts with live A rows (a zero B column times a zero A row would get no gradient at all).
     """
     if not scaling > 0:
         raise ValueError(f"scaling must be positive, got {scaling}")
     if balanced:
         root = torch.sqrt(svd.S / scaling)
-        return svd.U * root, root[:, None] * svd.Vh
+        return svd.U * root, torch.where(root > 0, root, 1.0)[:, None] * svd.Vh
     return svd.U * (svd.S / scaling), svd.Vh
 
 
@@ -154,6 +191,23 @@ def energy_kept(S: Tensor, rank: int) -> float:
     if total == 0.0:
         return 1.0
     return float((S[:rank].double() ** 2).sum()) / total
+
+
+def rank_for_energy(S: Tensor, share: float) -> int:
+    """The smallest rank whose singular values keep at least `share` of the squared Frobenius norm.
+
+    `share` is in (0, 1]; an all-zero update keeps everything at rank 1.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"energy share must be in (0, 1], got {share}")
+    squares = S.double() ** 2
+    total = float(squares.sum())
+    if total == 0.0 or S.numel() == 0:
+        return 1
+    kept = torch.cumsum(squares, 0) / total
+    # Rounding may leave the last cumulative share a hair under 1.0: share 1.0 means every nonzero value.
+    reached = torch.nonzero(kept >= share * (1.0 - 4 * torch.finfo(torch.float64).eps)).flatten()
+    return int(reached[0]) + 1 if reached.numel() else int(S.numel())
 
 
 def canonical_signs(svd: LowRank) -> LowRank:

@@ -3,8 +3,9 @@
 All paths compute the SVD of one module's merged update M = sum_i c_i B_i A_i (d_out x d_in,
 R = sum_i r_i stacked ranks):
 
-- stacked (`flexlora.merge`): QR both stacked factors, SVD the R x R core. O(d R^2) time and
-  O(d R) memory: the fastest path while R is small, hopeless once R nears min(d_out, d_in).
+- stacked (`flexlora.merge`): QR both stacked factors (from their fp64 Gram matrices, qr.py), SVD
+  the R x R core. O(d R^2) time at GEMM speed and O(d R) memory: the fastest path while R is
+  small against min(d_out, d_in).
 - dense: stream the clients into one fp32 (or fp64) d_out x d_in accumulator, then a dense SVD.
   O(R d_out d_in) GEMM + O(d^3) SVD; memory is one module, whatever the number of clients.
 - incremental: fold clients into a running factored form and re-compress it (QR + small SVD)
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flexlora_cli import flexlora
+from flexlora_cli import flexlora, qr
 from flexlora_cli.flexlora import LoraTerm, LowRank
 
 EXACT_PATHS = ("stacked", "dense", "incremental")
@@ -56,18 +57,20 @@ TermSource = Callable[[], Iterable[LoraTerm]] | Iterable[LoraTerm]
 class Rates:
     """Throughput of the kernels each path spends its time in, to turn operation counts into seconds."""
 
-    gemm: float  # matrix-multiply flops per second
+    gemm: float  # matrix-multiply flops per second (fp32)
+    gemm64: float  # fp64 matrix-multiply flops per second (the stacked path's Gram matrices)
     qr: float  # Householder QR flops per second (2 m n^2 - 2 n^3 / 3 for m >= n)
     svd: float  # thin-SVD "units" per second, one unit per entry of m x n times k = min(m, n)
     load: float  # client-factor elements read (and converted) per second, per pass
 
 
-# Measured on this project's CI-class machine (2 shared cores, MKL, fp32) with
-# `python benchmarks/bench_clients.py --calibrate`; only the ratios matter for the choice.
-CPU_RATES = Rates(gemm=35e9, qr=5e9, svd=1.5e9, load=3e8)
+# Measured on this project's CI-class machine (AMD EPYC with AVX-512, MKL) with `python
+# benchmarks/bench_clients.py --calibrate --threads 1` (2026-11-29, best of 3): on its two cores,
+# shared with other jobs, one thread gives the reproducible rates; only their ratios matter here.
+CPU_RATES = Rates(gemm=87e9, gemm64=52e9, qr=26e9, svd=3.1e9, load=1.9e8)
 # Not calibrated (no GPU was available): GEMM and QR are far faster on a GPU while SVD stays
 # comparatively slow, which moves the crossover towards the stacked path.
-CUDA_RATES = Rates(gemm=4e13, qr=1e12, svd=2e10, load=5e9)
+CUDA_RATES = Rates(gemm=4e13, gemm64=2e13, qr=1e12, svd=2e10, load=5e9)
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,21 @@ def _qr_flops(m: int, n: int) -> float:
 def _stacked_cost(d_out: int, d_in: int, R: int, itemsize: int, rates: Rates) -> tuple[float, int]:
     kb, ka = min(d_out, R), min(d_in, R)
     k = min(kb, ka)
-    qr = _qr_flops(d_out, R) + _qr_flops(d_in, R)
+    loading = R * (d_out + d_in) / rates.load
+    if itemsize == 4 and qr.gram_qr_pays(d_out, d_in, R):
+        # flexlora.factored_svd's Gram-matrix QR (qr.py): fp64 Gram matrices of both stacks, fp64 work on
+        # R x R matrices (Cholesky, triangular inverse, core, coefficients), an fp32 SVD of the core and
+        # one fp32 product per stack (columns built from nearly dependent directions run in fp64: unmodelled).
+        gram = qr.gram_flops(d_out, R) + qr.gram_flops(d_in, R) + 10.0 * R**3
+        seconds = gram / rates.gemm64 + 2.0 * (d_out + d_in) * R * k / rates.gemm + k**3 / rates.svd + loading
+        # the clients' factors + their scaled stack + an fp64 copy of one stack (or, for columns that need it,
+        # of the stack and its product) + results + R x R work
+        elements = 3 * (d_out + d_in) * R + 2 * max(d_out, d_in) * (R + k) + (d_out + d_in) * k + 12 * R * R
+        return seconds, elements * itemsize
+    # Householder QR: fp64 factors, and stacks wider than qr.GRAM_MAX_WIDTH of the module.
+    householder = _qr_flops(d_out, R) + _qr_flops(d_in, R)
     gemm = 2.0 * kb * R * ka + 2.0 * d_out * kb * k + 2.0 * k * ka * d_in
-    seconds = qr / rates.qr + gemm / rates.gemm + kb * ka * k / rates.svd + R * (d_out + d_in) / rates.load
+    seconds = householder / rates.qr + gemm / rates.gemm + kb * ka * k / rates.svd + loading
     # the clients' factors + their scaled stack + its Q's + the triangular factors + core SVD + results
     elements = 3 * (d_out + d_in) * R + (kb + ka) * R + 3 * kb * ka + (d_out + d_in) * k
     return seconds, elements * itemsize
@@ -246,9 +261,9 @@ def _randomized_cost(d_out, d_in, R, width, power_iters, dense, itemsize, rates)
     applications = 2 * power_iters + 2  # M Omega, (M^T, M) per power iteration, M^T Q at the end
     per_application = 2.0 * d_out * d_in * width if dense else 2.0 * R * (d_out + d_in) * width
     gemm = applications * per_application + 2.0 * d_out * width * (width + _TAIL_PROBES)
-    qr = (2 * power_iters + 1) * _qr_flops(max(d_out, d_in), width)
+    householder = (2 * power_iters + 1) * _qr_flops(max(d_out, d_in), width)
     passes = 1 if dense else applications
-    seconds = gemm / rates.gemm + qr / rates.qr + width * d_in * width / rates.svd + passes * R * (d_out + d_in) / rates.load
+    seconds = gemm / rates.gemm + householder / rates.qr + width * d_in * width / rates.svd + passes * R * (d_out + d_in) / rates.load
     if dense:
         seconds += 2.0 * R * d_out * d_in / rates.gemm
     elements = 4 * (d_out + d_in) * width + (d_out * d_in if dense else 0)

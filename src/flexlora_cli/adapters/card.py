@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peft.utils import CONFIG_NAME
+from flexlora_cli.adapters.files import CONFIG_NAME
 
 from flexlora_cli.adapters.model import Adapter
 
 _WHAT = {
     "merge": "It is the exact weighted sum of the clients' LoRA updates, refactored as one LoRA adapter.",
     "split": "It is the best rank-r approximation (truncated SVD) of its input's LoRA update.",
-    "aggregate": "It is this client's share of one FlexLoRA server round: the clients' LoRA updates merged into "
-    "their exact weighted sum, then truncated by SVD to this client's rank.",
 }
 
 
@@ -31,6 +29,9 @@ class CardInput:
     ranks: str
     weights_sha256: str
     config_sha256: str | None
+    update_norm: float | None = None  # ||dW||_F over its modules (aggregate; never under DP)
+    clip_factor: float | None = None  # with --clip
+    screened: bool = False  # left out of the round by --screen
 
 
 def file_sha256(path: Path) -> str:
@@ -41,10 +42,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> list[CardInput]:
-    """Hash each input once, for all the cards of one command."""
+def describe_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, trust: Sequence[dict] | None = None) -> list[CardInput]:
+    """Hash each input once, for all the cards of one command; `trust`: per input its update_norm,
+    clip_factor and screened (flexlora_cli.clients.trust_reports)."""
     weights = list(weights) if weights is not None else [None] * len(adapters)
-    return [_describe(adapter, weight) for adapter, weight in zip(adapters, weights)]
+    trust = list(trust) if trust is not None else [{}] * len(adapters)
+    return [
+        replace(_describe(adapter, weight), update_norm=t.get("update_norm"), clip_factor=t.get("clip_factor"), screened=bool(t.get("screened")))
+        for adapter, weight, t in zip(adapters, weights, trust)
+    ]
 
 
 def describe_file(path: Path) -> CardInput:
@@ -60,8 +66,14 @@ def model_card(
     base_model: str | None,
     rank: str,
     energy_kept: float | None,
+    method=None,
+    trust: dict | None = None,
 ) -> str:
-    """Markdown with a YAML header the Hub accepts (no base_model there: a local name would be rejected)."""
+    """Markdown with a YAML header the Hub accepts (no base_model there: a local name would be rejected).
+
+    `trust`: {"privacy": report} for a DP round (the card then lists no inputs, norms or participants),
+    else {"clip": C or None, "screen": settings or None}.
+    """
     from flexlora_cli import __version__
 
     lines = [
@@ -75,30 +87,70 @@ def model_card(
         "",
         f"# FlexLoRA {command} output: {title}",
         "",
-        f"A PEFT LoRA adapter written by `flexlora {command}` (flexlora {__version__}). {_WHAT.get(command, '')}",
+        f"A PEFT LoRA adapter written by `flexlora {command}` (flexlora {__version__}). {_what(command, method, title)}",
         "",
         f"- base model: `{base_model or 'unknown'}`",
         f"- rank: {rank}",
     ]
     if energy_kept is not None:
         lines.append(f"- energy kept: {energy_kept:.4%} of the full update's squared Frobenius norm (all modules)")
-    lines += [
-        "",
-        "## Inputs",
-        "",
-        "| input | source | weight | ranks | adapter weights sha256 | adapter config sha256 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for item in inputs:
-        weight = "-" if item.weight is None else f"{item.weight:.6g}"
-        config = f"`{item.config_sha256}`" if item.config_sha256 else "-"
-        lines.append(f"| {item.name} | {item.origin} | {weight} | {item.ranks} | `{item.weights_sha256}` | {config} |")
+    privacy = (trust or {}).get("privacy")
+    lines += _privacy_lines(privacy) if privacy else _input_lines(inputs, trust or {})
     lines += [
         "",
         "Load it with PEFT: `PeftModel.from_pretrained(base_model, <this folder or repo>)`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _input_lines(inputs: Sequence[CardInput], trust: dict) -> list[str]:
+    """The inputs table, with each input's update norm (and clip factor, screening) where known."""
+    normed = any(item.update_norm is not None for item in inputs)
+    clipped = trust.get("clip") is not None
+    screen = trust.get("screen")
+    header = "| input | source | weight | ranks |" + (" update norm |" if normed else "") + (" clip factor |" if clipped else "")
+    header += (" screened out |" if screen else "") + " adapter weights sha256 | adapter config sha256 |"
+    lines = ["", "## Inputs", ""]
+    if clipped:
+        lines += [f"Each client's update was scaled by its clip factor min(1, C / norm) before weighting, C = {trust['clip']:g}.", ""]
+    if screen:
+        lines += [f"Screened with the per-rank log-MAD rule at threshold {screen['threshold']:g}: a client screened out took no part "
+                  "in the round (weight 0) and still received its result.", ""]
+    lines += [header, "|" + "---|" * header.count(" |")]
+    for item in inputs:
+        weight = "-" if item.weight is None else f"{item.weight:.6g}"
+        config = f"`{item.config_sha256}`" if item.config_sha256 else "-"
+        cells = [item.name, item.origin, weight, item.ranks]
+        cells += [f"{item.update_norm:.6g}"] if normed else []
+        cells += [f"{item.clip_factor:.6g}" if item.clip_factor is not None else "-"] if clipped else []
+        cells += ["yes" if item.screened else "no"] if screen else []
+        lines.append("| " + " | ".join([*cells, f"`{item.weights_sha256}`", config]) + " |")
+    return lines
+
+
+def _privacy_lines(report: dict) -> list[str]:
+    """The DP section: public facts only (no inputs, norms or participants)."""
+    rounds = f"{report['rounds']} round{'s' if report['rounds'] != 1 else ''}"
+    ledger = f" of federation `{report['federation']}`" if report.get("federation") else " (this round only: no ledger)"
+    return [
+        "",
+        "## Differential privacy",
+        "",
+        f"- guarantee: ({report['epsilon']:.4g}, {report['delta']:g})-DP at the client level (add/remove one client), "
+        f"over {rounds}{ledger}, by the {report['accountant']} accountant",
+        f"- mechanism: {report['mechanism']}; noise multiplier {report['noise_multiplier']:g}, clipping norm {report['clip']:g}, "
+        f"weights {report['weights']} (largest {report['max_weight']:.6g}), client sampling rate {report['sampling_rate']:g}",
+        "- the inputs are not listed: under differential privacy this card names no participant",
+    ]
+
+
+def _what(command: str, method, title: str) -> str:
+    """What the adapter is, in a sentence; for aggregate, by the method's registry entry."""
+    if command != "aggregate" or method is None:
+        return _WHAT.get(command, "")
+    share = "the round's global result" if title == "global" else "this client's share of the round"
+    return f"It is {share}, aggregated with {method.title} ({method.paper}): {method.rule}."
 
 
 def _describe(adapter: Adapter, weight: float | None) -> CardInput:

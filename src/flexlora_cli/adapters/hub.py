@@ -7,7 +7,8 @@ What counts as a Hub reference (a path that exists locally always means the loca
 
 Revisions are branches, tags, commit hashes or refs/pr/N. The environment is read at call time:
 HF_TOKEN (or the saved `hf auth login`), HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE.
-A token is sent to the endpoint and nowhere else: never printed, logged, or written to any output.
+A token is sent to the endpoint and nowhere else: never printed, logged, or written to any output; nor are
+credentials written into HF_ENDPOINT (https://user:secret@host), which messages show as https://host.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from flexlora_cli.adapters.files import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from flexlora_cli.adapters.write import MODEL_CARD_NAME
 from flexlora_cli.errors import AdapterError, FlexLoraError, OptionError, OutputError
@@ -33,6 +35,8 @@ PUSHED_FILES = (*ADAPTER_FILES, MODEL_CARD_NAME)
 _SHORTHAND = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?$")
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 _TOKEN_HINT = "set HF_TOKEN (or pass --token) to a token with access to it"
+_WRITE_HINT = "set HF_TOKEN (or pass --token) to a token with write access"
+_USERINFO = re.compile(r"(?<=://)[^/\s@]*@")  # user:secret@ in a URL
 
 # The token given with --token, for every Hub read in the current command (None: HF_TOKEN / saved login).
 _token: contextvars.ContextVar[str | None] = contextvars.ContextVar("flexlora_hub_token", default=None)
@@ -96,6 +100,16 @@ class HubSettings:
     cache_dir: str
     offline: bool
     token: str | None = field(repr=False)  # None: huggingface_hub finds HF_TOKEN or the saved login
+
+    @property
+    def public_endpoint(self) -> str:
+        """The endpoint as messages show it: without credentials."""
+        return public_url(self.endpoint)
+
+
+def public_url(url: str) -> str:
+    """`url` (or any text holding URLs) without the user:secret@ part."""
+    return _USERINFO.sub("", url)
 
 
 def settings(token: str | None = None) -> HubSettings:
@@ -171,8 +185,12 @@ class PushItem:
     fields: dict[str, str]
 
 
-def check_target(target: str, fields: Sequence[str], revision: str | None, create_pr: bool) -> None:
-    """Refuse a --push-to-hub target and options that cannot work, before any computation."""
+def check_target(target: str, fields: Sequence[str], revision: str | None, create_pr: bool, token: str | None = None) -> None:
+    """Refuse a --push-to-hub target and options that cannot work, before any computation.
+
+    Checks the target's syntax, then HF_HUB_OFFLINE, then asks the endpoint once whether it is reachable
+    and accepts the token (`token`, else --token's context, HF_TOKEN or the saved login) for writing.
+    """
     names = _template_fields(target)
     unknown = sorted(names - set(fields))
     if unknown:
@@ -189,6 +207,36 @@ def check_target(target: str, fields: Sequence[str], revision: str | None, creat
     branch = ref.revision or revision
     if create_pr and branch not in (None, "main"):
         raise OptionError("--create-pr", "pull requests are opened against main; drop --revision")
+    hub = settings(token)
+    if hub.offline:
+        raise OptionError("--push-to-hub", "cannot push while HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE, or push the output later")
+    _check_can_push(target, ref, hub)
+
+
+def _check_can_push(target: str, ref: HubRef, hub: HubSettings) -> None:
+    """One request (whoami) to the endpoint: is it reachable, and does it accept the token for writing?
+
+    Without any token only reachability is checked: some endpoints take anonymous writes.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    headers = build_hf_headers(token=hub.token)  # hub.token, else HF_TOKEN or the saved login
+    authorization = headers.get("authorization") or headers.get("Authorization")
+    try:
+        response = get_session().get(f"{hub.endpoint}/api/whoami-v2", headers=headers, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:
+        raise _as_flexlora_error(error, target, ref, hub, action="push to") from None
+    where = hub.public_endpoint
+    if authorization and response.status_code in (401, 403):
+        raise OutputError(target, f"not authorized to push to {target} on {where}: the token was refused (HTTP {response.status_code})", hint=_WRITE_HINT)
+    if authorization and response.status_code == 200:
+        try:
+            role = response.json()["auth"]["accessToken"]["role"]
+        except (ValueError, KeyError, TypeError):  # an endpoint that answers differently: the push will tell
+            role = None
+        if role == "read":
+            raise OutputError(target, f"not authorized to push to {target} on {where}: the token is read-only", hint=_WRITE_HINT)
 
 
 def push(
@@ -238,14 +286,15 @@ def push(
             )
         except Exception as error:
             raise _as_flexlora_error(error, str(repo), repo, hub, action="push to") from None
+        commit_url, pr_url = (public_url(url) if url else url for url in (info.commit_url, info.pr_url))
         results.append(
             {
                 "repo_id": repo.repo_id,
                 "revision": repo.revision or "main",
                 "commit": info.oid,
-                "commit_url": info.commit_url,
-                "pr_url": info.pr_url,
-                "url": info.pr_url or info.commit_url,
+                "commit_url": commit_url,
+                "pr_url": pr_url,
+                "url": pr_url or commit_url,
                 "files": [op.path_in_repo for op in operations],
             }
         )
@@ -271,7 +320,7 @@ def _as_flexlora_error(error: Exception, spec: str, ref: HubRef, hub: HubSetting
     )
 
     kind = AdapterError if action == "read" else OutputError
-    where = hub.endpoint
+    where = hub.public_endpoint
     # A shorthand that names no local folder may well be a mistyped path: say both.
     local = "no local folder of that name, and on the Hub: " if action == "read" and not spec.startswith(HF_URI_PREFIX) else ""
     if isinstance(error, GatedRepoError):
@@ -309,8 +358,17 @@ def _first_line(error: Exception) -> str:
 
 
 def _redact(text: str, hub: HubSettings) -> str:
+    """A library's error text without the token or HF_ENDPOINT's credentials."""
     from huggingface_hub import get_token
 
-    for secret in {hub.token, get_token()} - {None, ""}:
+    text = public_url(text)
+    for secret in {hub.token, get_token(), *_endpoint_secrets(hub.endpoint)} - {None, ""}:
         text = text.replace(secret, "***")
     return text
+
+
+def _endpoint_secrets(endpoint: str) -> set[str]:
+    """The password in HF_ENDPOINT's user:secret@ (or the user part alone, which then is the secret)."""
+    parts = urlsplit(endpoint)
+    secret = parts.password if parts.password is not None else parts.username
+    return {secret, unquote(secret)} if secret else set()

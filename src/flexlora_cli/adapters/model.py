@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flexlora_cli.adapters.tensors import TensorFile
+
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    from flexlora_cli.adapters.config import AdapterConfig
 
 # Saved PEFT state dicts name every tensor "base_model.model.<module path>.<suffix>".
 KEY_PREFIX = "base_model.model."
@@ -45,8 +47,8 @@ class Adapter:
     name: str  # client name (folder name, or chosen with name=path)
     source: str  # what the user passed: a folder, or a Hub reference
     path: Path  # local folder
-    weights_path: Path
-    config: LoraConfig
+    weights: TensorFile  # the weight file, indexed; tensors are read from it on demand
+    config: AdapterConfig
     modules: dict[str, LoraModule]
     extra_keys: list[str]  # non-LoRA tensors, e.g. modules_to_save
     dtype: torch.dtype
@@ -60,10 +62,13 @@ class Adapter:
     def fan_in_fan_out(self) -> bool:
         return bool(self.config.fan_in_fan_out)
 
-    def tensor(self, key: str) -> torch.Tensor:
-        from flexlora_cli.adapters.load import read_tensor
+    @property
+    def weights_path(self) -> Path:
+        return self.weights.path
 
-        return read_tensor(self, key)
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor of the weight file, checked to be finite."""
+        return self.weights.read(key)
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) of one module."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from flexlora_cli.adapters import hub
 from flexlora_cli.adapters.load import load_adapter
 from flexlora_cli.adapters.model import Adapter
+from flexlora_cli.adapters.names import check_client_name, name_from
 
 
 def split_name(spec: str) -> tuple[str | None, str]:
@@ -31,11 +32,14 @@ def open_adapter(spec: str | Path | Adapter) -> Adapter:
     if isinstance(spec, Adapter):
         return spec
     name, location = split_name(str(spec))
+    if name is not None:
+        check_client_name(name, spec)
     ref = None if Path(location).exists() else hub.parse_ref(location)
     if ref is None:
         return load_adapter(location, name=name)
+    name = name or name_from(ref)  # before the download: `hf://org/x/sub/..` must not be named '..'
     folder, provenance = hub.download(ref, location)
-    adapter = load_adapter(folder, name=name or ref.name)
+    adapter = load_adapter(folder, name=name)
     adapter.source, adapter.provenance = location, provenance
     return adapter
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flexlora_cli.adapters.model import Adapter
+from flexlora_cli.adapters.names import check_distinct
 from flexlora_cli.errors import IncompatibleAdaptersError
 
 
@@ -49,21 +50,14 @@ def check_compatible(adapters: Sequence[Adapter], allow_base_mismatch: bool = Fa
 
 def _check_unique(adapters: Sequence[Adapter]) -> None:
     paths: dict[object, Adapter] = {}
-    names: dict[str, Adapter] = {}
     for adapter in adapters:
         key = adapter.path.resolve()
         if key in paths:
             raise IncompatibleAdaptersError(
                 adapter.source, f"given twice (also as {paths[key].source}); each client counts once"
             )
-        if adapter.name in names:
-            raise IncompatibleAdaptersError(
-                adapter.source,
-                f"client name {adapter.name!r} is already used by {names[adapter.name].source}",
-                hint="name clients explicitly with NAME=PATH",
-            )
         paths[key] = adapter
-        names[adapter.name] = adapter
+    check_distinct((adapter.name, adapter.source) for adapter in adapters)
 
 
 def _describe(layout) -> str:

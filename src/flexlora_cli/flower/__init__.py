@@ -1,7 +1,7 @@
 """Run FlexLoRA rounds on Flower (https://flower.ai): a server strategy and ClientApp helpers.
 
 Needs the optional extra: `pip install "flexlora-cli[flower]"`. The strategy aggregates with the
-same code as `flexlora aggregate` (flexlora_cli.engine + flexlora_cli.flexlora), so a Flower run
+same round skeleton as `flexlora aggregate` (flexlora_cli.round), so a Flower run
 and a manual file-exchange federation produce the same adapters from the same client updates.
 """
 

@@ -10,12 +10,13 @@ The reply format the FlexLoRA strategy reads:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from flexlora_cli.adapters.write import config_json
+from flexlora_cli.adapters.config import AdapterConfig
 from flexlora_cli.flower.records import from_array_record, to_array_record
 
 ARRAYS_KEY = "arrays"
@@ -33,7 +34,7 @@ def adapter_content(
     state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     content = {
         ARRAYS_KEY: to_array_record(state),
-        LORA_KEY: ConfigRecord({ADAPTER_CONFIG_KEY: config_json(model.peft_config[adapter_name])}),
+        LORA_KEY: ConfigRecord({ADAPTER_CONFIG_KEY: _config_text(model.peft_config[adapter_name])}),
     }
     if metrics is not None:
         content[METRICS_KEY] = MetricRecord(dict(metrics))
@@ -51,3 +52,9 @@ def load_adapter_arrays(model: PeftModel, arrays: ArrayRecord, adapter_name: str
     if result.unexpected_keys:
         raise ValueError(f"the server sent tensors this adapter does not have: {sorted(result.unexpected_keys)[:3]}")
     return True
+
+
+def _config_text(config) -> str:
+    """A PEFT LoraConfig as adapter_config.json text, written as flexlora writes every config."""
+    raw = json.loads(json.dumps(config.to_dict(), default=sorted))  # sets -> sorted lists
+    return AdapterConfig.from_dict(raw, "the node's PEFT config").to_json()

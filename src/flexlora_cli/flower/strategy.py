@@ -5,12 +5,13 @@ This strategy does one FlexLoRA server round per Flower round, with the code of
 `flexlora aggregate`:
 
 - aggregate_train reads each reply's adapter (validated like an adapter folder on disk), weights
-  the nodes by their replies' `num-examples`, and merges all modules (engine.merged_modules:
-  the exact SVD of sum_i w_i s_i B_i A_i, never the dense matrix). The returned global
-  ArrayRecord is the merged adapter, as `flexlora merge` writes it (scaling 1).
+  the nodes by their replies' `num-examples`, and runs the round skeleton's compute phase
+  (flexlora_cli.round.compute with the flexlora method: the exact SVD of sum_i w_i s_i B_i A_i,
+  never the dense matrix). The returned global ArrayRecord is the merged adapter, as `flexlora
+  merge` writes it (scaling 1).
 - configure_train / configure_evaluate send every node its own adapter: the best rank-r_i
   approximation of the merged update, at the node's own rank, alpha and rsLoRA per module
-  (engine.client_factors, as `flexlora aggregate`), in the node's own dtype.
+  (round.output_tensors of a ClientOutput, as `flexlora aggregate`), in the node's own dtype.
 
 Each node's LoRA layout is learnt from its replies. A node the strategy has not heard from yet
 while a global update exists (it joined late, or was not sampled before) is asked once with a
@@ -36,26 +37,21 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
-from peft import LoraConfig
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
+from flexlora_cli.adapters.config import AdapterConfig
+from flexlora_cli.adapters.files import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from flexlora_cli.adapters.load import load_adapter
 from flexlora_cli.adapters.model import Adapter, LoraModule
 from flexlora_cli.adapters.validate import check_compatible
-from flexlora_cli.adapters.write import atomic_folder, write_adapter
-from flexlora_cli.engine import (
-    Compute,
-    MergedModule,
-    averaged_extras,
-    client_factors,
-    client_weights,
-    merged_config,
-    merged_factors,
-    merged_modules,
-    put_factors,
-    widest_dtype,
-)
+from flexlora_cli.adapters.output import OutputFolder
+from flexlora_cli.adapters.write import write_adapter
+from flexlora_cli.clients import client_weights
+from flexlora_cli.compute import Compute, widest_dtype
+from flexlora_cli.methods import registry
+from flexlora_cli.outputs import ClientOutput, model_output
+from flexlora_cli.round import ClientUpdates, RoundResult, compute, output_tensors
+from flexlora_cli.store import UpdateStore
 from flexlora_cli.flower.client import ADAPTER_CONFIG_KEY, LORA_KEY
 from flexlora_cli.flower.records import from_array_record, to_array_record
 
@@ -64,7 +60,7 @@ from flexlora_cli.flower.records import from_array_record, to_array_record
 class NodeLayout:
     """What the strategy must know to build a node's adapter: its config, modules and dtype."""
 
-    config: LoraConfig  # written back unchanged with the node's adapter
+    config: AdapterConfig  # written back unchanged with the node's adapter
     modules: dict[str, LoraModule]  # per-module rank, alpha and scaling, as the node has them
     extra_keys: tuple[str, ...]  # modules_to_save and other plain tensors the node holds
     dtype: torch.dtype
@@ -103,8 +99,7 @@ class FlexLoRA(FedAvg):
         self.allow_base_mismatch = allow_base_mismatch
         self.query_timeout = query_timeout
         self.layouts: dict[int, NodeLayout] = {}
-        self._merged: dict[str, MergedModule] = {}
-        self._extras: dict[str, torch.Tensor] = {}
+        self._result: RoundResult | None = None  # the last round's updates, kept in memory
         self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -127,16 +122,18 @@ class FlexLoRA(FedAvg):
 
     def node_tensors(self, node_id: int) -> dict[str, torch.Tensor]:
         """The adapter this node gets from the current global update (empty before the first)."""
+        if self._result is None:
+            return {}
         layout = self.layouts[node_id]
-        tensors = {}
-        for name, own in layout.modules.items():
-            if name not in self._merged:
-                continue  # no node trained this module in the last round
-            # As `flexlora aggregate`: the node's own rank and scaling (alpha/r or alpha/sqrt(r)).
-            B, A = client_factors(self._merged[name].svd, own, own.rank, bool(layout.config.use_rslora), self.compute.balanced)
-            put_factors(tensors, own, B, A, self.compute.output_dtype(layout.dtype))
-        tensors.update({key: value for key, value in self._extras.items() if key in layout.extra_keys})
-        return tensors
+        store = self._result.store
+        # As `flexlora aggregate`: the node's own rank and scaling (alpha/r or alpha/sqrt(r)), for the
+        # modules some node trained in the last round.
+        modules = {name: own for name, own in layout.modules.items() if name in store}
+        extras = [key for key in layout.extra_keys if key in self._result.extras]
+        output = ClientOutput(f"node-{node_id}", f"node-{node_id}", modules, self.compute.output_dtype(layout.dtype), extras, own_config=layout.config)
+        for name in modules:
+            output.decide(name, store.get(name))
+        return output_tensors(self._result, output, self.compute.balanced)
 
     def _per_node_messages(self, server_round, arrays, config, grid, fraction, min_nodes, message_type) -> list[Message]:
         if len(arrays) and arrays is not self._global:
@@ -148,12 +145,12 @@ class FlexLoRA(FedAvg):
         node_ids, connected = sample_nodes(grid, self.min_available_nodes, sample_size)
         log(INFO, "configure_%s: Sampled %s nodes (out of %s)", message_type, len(node_ids), len(connected))
         config["server-round"] = server_round
-        if self._merged:
+        if self._result is not None:
             self._learn_layouts(grid, [node for node in node_ids if node not in self.layouts], server_round)
             node_ids = [node for node in node_ids if node in self.layouts]
         messages = []
         for node in node_ids:
-            own = to_array_record(self.node_tensors(node)) if self._merged else ArrayRecord()
+            own = to_array_record(self.node_tensors(node)) if self._result is not None else ArrayRecord()
             content = RecordDict({self.arrayrecord_key: own, self.configrecord_key: config})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
@@ -187,31 +184,20 @@ class FlexLoRA(FedAvg):
             adapters = [self._read_adapter(reply, folder / f"node-{reply.metadata.src_node_id}") for reply in valid]
             check_compatible(adapters, self.allow_base_mismatch)
             weights = client_weights(len(adapters), num_samples=samples)
-            # top_k as `flexlora aggregate` passes it (it matters for Compute(svd="randomized") only).
+            merged = model_output("global", "global", adapters, self.compute.output_dtype(widest_dtype(a.dtype for a in adapters)))
+            # Keep every module at the largest rank any known node will ask for (late nodes included).
             largest = max(m.rank for layout in [*adapters, *self.layouts.values()] for m in layout.modules.values())
-            merged = merged_modules(adapters, weights, self.compute, top_k=largest)
-            self._merged = {module.name: module for module in merged}
-            self._extras = averaged_extras(adapters, weights, self.compute.output_dtype)
+            updates = ClientUpdates(adapters, weights, registry.get("flexlora"))
+            self._result = compute(updates, [merged], self.compute, store=UpdateStore(), keep_rank=largest)
         for reply, adapter in zip(valid, adapters):
             self.layouts[reply.metadata.src_node_id] = NodeLayout.of(adapter)
-        global_tensors, ranks = self._global_tensors(widest_dtype(adapters))
+        global_tensors = output_tensors(self._result, merged, self.compute.balanced)
         if self.save_dir is not None:
             nodes = {reply.metadata.src_node_id: {"num-examples": n, "weight": w} for reply, n, w in zip(valid, samples, weights)}
-            self._save_round(server_round, merged_config(adapters, ranks), global_tensors, nodes)
+            self._save_round(server_round, merged.config(), global_tensors, nodes)
         self._global = to_array_record(global_tensors)
         metrics = self.train_metrics_aggr_fn([reply.content for reply in valid], self.weighted_by_key)
         return self._global, metrics
-
-    def _global_tensors(self, input_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """The merged update as one LoRA adapter at each module's numerical rank, as `flexlora merge`."""
-        tensors, ranks = {}, {}
-        dtype = self.compute.output_dtype(input_dtype)
-        for name, merged in self._merged.items():
-            kept, B, A = merged_factors(merged.svd, None, self.compute.balanced)
-            put_factors(tensors, merged.spec, B, A, dtype)
-            ranks[name] = kept
-        tensors.update(self._extras)
-        return tensors, ranks
 
     def _num_examples(self, reply: Message) -> float:
         metrics = list(reply.content.metric_records.values())
@@ -250,10 +236,14 @@ class FlexLoRA(FedAvg):
         yield folder
 
     def _save_round(self, server_round: int, global_config, global_tensors, nodes: dict[int, dict]) -> None:
+        """save_dir/round-<t>/: global/ and nodes/node-<id>/, each written whole, beside received/."""
         round_folder = self.save_dir / f"round-{server_round}"
-        write_adapter(round_folder / "global", global_config, global_tensors)
-        with atomic_folder(round_folder / "nodes") as staging:
+        manifest = {"round": server_round, "nodes": {f"node-{node}": values for node, values in nodes.items()}}
+        with OutputFolder(round_folder / "global", command="flower") as out:
+            write_adapter(out.staging, global_config, global_tensors)
+            out.commit(manifest)
+        with OutputFolder(round_folder / "nodes", command="flower") as out:
             for node in nodes:
-                write_adapter(staging / f"node-{node}", self.layouts[node].config, self.node_tensors(node))
-        report = {f"node-{node}": values for node, values in nodes.items()}
-        (round_folder / "round.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+                write_adapter(out.staging / f"node-{node}", self.layouts[node].config, self.node_tensors(node))
+            out.commit(manifest)
+        (round_folder / "round.json").write_text(json.dumps(manifest["nodes"], indent=2, sort_keys=True), encoding="utf-8")
