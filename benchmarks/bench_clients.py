@@ -9,6 +9,7 @@ seeds, so no path ever holds more clients than it asks for and a pass can be rep
     python benchmarks/bench_clients.py --case module1000 --scale 0.25   # a quick look
     python benchmarks/bench_clients.py --crossover 2048     # stacked vs dense as R grows
     python benchmarks/bench_clients.py --calibrate          # rates for svd_paths.CPU_RATES
+    python benchmarks/bench_clients.py --kernels --repeat 5 # Gram-QR vs Householder stacked SVD, 7B round
 
 Cases (the issue's targets): `layer80` is 80 clients with the paper's heavy-tail rank mix (85% at
 rank 8, 15% at rank 200: R = 2,944) on one Llama-2-7B layer (q/k/v/o 4096x4096, gate/up
@@ -26,6 +27,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -234,9 +236,9 @@ def crossover(d: int, counts: list[int], repeat: int = 1) -> list[dict]:
 
 
 def calibrate(d: int = 2048) -> svd_paths.Rates:
-    """Measured throughput of GEMM, QR, thin SVD and client generation on this machine (fp32)."""
+    """Measured throughput of GEMM (fp32, fp64), QR, thin SVD and client generation on this machine."""
 
-    def best(call, repeat=2):
+    def best(call, repeat=3):
         call()
         times = []
         for _ in range(repeat):
@@ -247,12 +249,92 @@ def calibrate(d: int = 2048) -> svd_paths.Rates:
 
     X, Y = torch.randn(d, d // 2), torch.randn(d // 2, d)
     gemm = 2.0 * d * d * (d // 2) / best(lambda: X @ Y)
+    F = torch.randn(2 * d, 288, dtype=torch.float64)  # a stacked factor of a 4096-wide module, R = 288: its Gram matrix
+    gemm64 = 2.0 * F.shape[0] * F.shape[1] ** 2 / best(lambda: F.mT @ F)
     qr = (2.0 * d * (d // 2) ** 2 - 2.0 * (d // 2) ** 3 / 3) / best(lambda: torch.linalg.qr(X))
     S = torch.randn(d // 2, d // 2)
     svd = (d // 2) ** 3 / best(lambda: torch.linalg.svd(S, full_matrices=False))
     terms = decaying_clients(d, d, [8] * 50 + [200] * 10)
     load = 2 * d * 2400 / best(lambda: list(terms()))
-    return svd_paths.Rates(gemm=gemm, qr=qr, svd=svd, load=load)
+    return svd_paths.Rates(gemm=gemm, gemm64=gemm64, qr=qr, svd=svd, load=load)
+
+
+def shared_a_clients(d_out: int, d_in: int, ranks: list[int], noise: float = 1e-3, seed: int = 0) -> list[flexlora.LoraTerm]:
+    """Round-2 clients: the same A rows (the previous round's Vh) up to `noise`, B = the shared U diag(1/j) plus 5 %."""
+    generator = torch.Generator().manual_seed(seed)
+    K = max(ranks)
+    U = torch.linalg.qr(torch.randn(d_out, K, generator=generator))[0]
+    V = torch.linalg.qr(torch.randn(d_in, K, generator=generator))[0]
+    sigma = 1.0 / (1.0 + torch.arange(K, dtype=torch.float32))
+    terms = []
+    for r in ranks:
+        B = (U[:, :r] + 0.05 * torch.randn(d_out, r, generator=generator) / math.sqrt(d_out)) * sigma[:r]
+        A = V[:, :r].mT + noise * torch.randn(r, d_in, generator=generator) / math.sqrt(d_in)
+        terms.append(flexlora.LoraTerm(B, A, 2.0 / len(ranks)))
+    return terms
+
+
+# The Llama-2-7B round of bench_round.py: (d_out, d_in, modules of this shape), its clients' ranks.
+ROUND_SHAPES = [(4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 32)]
+ROUND_RANKS = [8] * 6 + [16, 32, 64, 128]
+
+
+def kernels(repeat: int) -> list[dict]:
+    """flexlora.factored_svd (Gram QR) against Householder QR on the 7B round's stacks, alternating in this process.
+
+    Per shape and client kind: the median wall and CPU seconds of each over `repeat` alternating
+    runs (with --threads 1 the CPU seconds hardly depend on other jobs' load), and each one's worst
+    relative difference to the fp64 truncation (Householder QR in fp64) at the clients' ranks where
+    the spectrum has a gap (1 - s_{r+1}/s_r >= 0.1).
+    """
+    kernels_ = {"gram": flexlora.factored_svd, "householder": flexlora._householder_svd}
+    rows = []
+    for d_out, d_in, count in ROUND_SHAPES:
+        kinds = {
+            "random (5 % apart)": [t for t in decaying_clients(d_out, d_in, ROUND_RANKS, noise=0.05)()],
+            "shared A (0.1 % apart)": shared_a_clients(d_out, d_in, ROUND_RANKS),
+        }
+        for kind, terms in kinds.items():
+            B, A = flexlora.stack_terms(terms)
+            times = {name: [] for name in kernels_}
+            cpu = {name: [] for name in kernels_}
+            for name, kernel in kernels_.items():
+                kernel(B, A)  # warm up
+            for _ in range(repeat):
+                for name, kernel in kernels_.items():
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    kernel(B, A)
+                    times[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+            exact = flexlora._householder_svd(B.double(), A.double())  # Householder in fp64: exact to 1e-15 here
+            ranks = [r for r in sorted(set(ROUND_RANKS)) if exact.S[r] <= 0.9 * exact.S[r - 1]]
+            row = {"shape": f"{d_out}x{d_in}", "count": count, "kind": kind, "gapped_ranks": ranks}
+            for name, kernel in kernels_.items():
+                row[f"{name}_s"] = statistics.median(times[name])
+                row[f"{name}_best_s"] = min(times[name])
+                row[f"{name}_cpu_s"] = statistics.median(cpu[name])
+                row[f"{name}_error"] = max(svd_paths.truncation_error(kernel(B, A), exact, r) for r in ranks)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def print_kernels(rows: list[dict]) -> None:
+    """The --kernels table, and the whole 7B round's math (modules x count) per client kind."""
+    print("| module (count) | clients | Gram QR (s) | Householder (s) | speed-up | CPU s Gram / Householder | error Gram / Householder |")
+    print("|---|---|---:|---:|---:|---|---|")
+    for row in rows:
+        print(
+            f"| {row['shape']} (x{row['count']}) | {row['kind']} | {row['gram_s']:.3f} | {row['householder_s']:.3f} "
+            f"| {row['householder_s'] / row['gram_s']:.2f}x | {row['gram_cpu_s']:.3f} / {row['householder_cpu_s']:.3f} "
+            f"| {row['gram_error']:.1e} / {row['householder_error']:.1e} |"
+        )
+    for kind in sorted({row["kind"] for row in rows}):
+        total = {key: sum(row[key] * row["count"] for row in rows if row["kind"] == kind) for key in rows[0] if key.endswith("_s")}
+        print(
+            f"whole 7B round (224 modules, math only), {kind}: Gram QR {total['gram_s']:.1f} s, Householder {total['householder_s']:.1f} s "
+            f"(best runs {total['gram_best_s']:.1f} s / {total['householder_best_s']:.1f} s; CPU {total['gram_cpu_s']:.1f} s / {total['householder_cpu_s']:.1f} s)"
+        )
 
 
 def markdown(rows: list[dict]) -> str:
@@ -313,6 +395,7 @@ def main() -> None:
     parser.add_argument("--crossover", type=int, metavar="D", help="Sweep client counts on a DxD module, stacked vs dense.")
     parser.add_argument("--counts", default="10,20,40,60,80,120", help="Client counts for --crossover.")
     parser.add_argument("--calibrate", action="store_true", help="Print measured rates for svd_paths.CPU_RATES.")
+    parser.add_argument("--kernels", action="store_true", help="Gram-QR vs Householder stacked SVD on the 7B round's stacks, alternating (--repeat runs, medians).")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared machine.")
     parser.add_argument("--json", type=Path, help="Also write the rows to this file.")
     parser.add_argument("--disk", type=int, metavar="N", help="Write N one-module client folders and time `merge --rank 200` on them (exact, randomized).")
@@ -339,6 +422,11 @@ def main() -> None:
     print(header)
     if args.calibrate:
         print(calibrate())
+        return
+    if args.kernels:
+        rows = kernels(max(args.repeat, 1))
+        print_kernels(rows)
+        print(f"load average at the end {os.getloadavg()}")
         return
     if args.disk:
         rows = disk_case(args.disk, args.disk_dim, args.timeout)

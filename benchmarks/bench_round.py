@@ -36,6 +36,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,12 @@ KEY_PREFIX = "base_model.model."
 TOLERANCES = {"fp32": 1e-5, "bf16": 2e-2}  # bf16 outputs are rounded to 8 significant bits
 ALPHA_PER_RANK = 2  # lora_alpha = 2r, a common choice
 NOISE = 0.05  # client-specific deviation from the shared update, relative to each factor column
+# --model: what differs from transformers' LlamaConfig defaults (Llama-2-7B); 70B has grouped-query
+# attention (8 KV heads of 128: k_proj and v_proj are 8192 -> 1024).
+MODELS = {
+    "llama-2-7b": {},
+    "llama-2-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80},
+}
 CHILD = "--child"  # private mode: this script re-run as the measured process
 
 
@@ -69,7 +76,7 @@ class Client:
 
 def shape_overrides(args, layers: int) -> dict:
     """What differs from transformers' LlamaConfig defaults (Llama-2-7B) in this run."""
-    overrides = {"num_hidden_layers": layers, "vocab_size": 256}  # the vocabulary is never adapted
+    overrides = {**MODELS[getattr(args, "model", "llama-2-7b")], "num_hidden_layers": layers, "vocab_size": 256}  # the vocabulary is never adapted
     if args.hidden_size:
         overrides["hidden_size"] = args.hidden_size
     if args.intermediate_size:
@@ -101,17 +108,18 @@ def model_modules(config) -> dict[str, tuple[int, int]]:
     }
 
 
-def write_clients(root: Path, config, ranks: list[int], dtype: str, seed: int) -> list[Client]:
+def write_clients(root: Path, config, ranks: list[int], dtype: str, seed: int, shared_a: float | None = None) -> list[Client]:
     """Real PEFT adapter folders, one per client, whose updates share a decaying spectrum.
 
     Per module, a shared update U diag(sigma) V^T (orthonormal U, V; sigma_k = 1/k) stands for
     what every client learns; client i holds its rank-r_i part, perturbed by NOISE. The merged
     update then has gaps at the clients' ranks, where the weight of the clients still present drops.
+    With `shared_a`, the round after a FlexLoRA round: every client's A is the same V^T rows (what
+    the server handed out) up to `shared_a` relative noise, and B = (U + NOISE) diag(sigma).
     """
     import torch
     from peft import LoraConfig
-
-    from flexlora_cli.adapters.write import write_adapter
+    from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
     counts = torch.randint(50, 1000, (len(ranks),), generator=generator).tolist()
@@ -126,6 +134,8 @@ def write_clients(root: Path, config, ranks: list[int], dtype: str, seed: int) -
             r, root_s = client.rank, sigma[: client.rank].sqrt()
             B = (U[:, :r] + NOISE * torch.randn(d_out, r, generator=generator) / math.sqrt(d_out)) * root_s
             A = root_s[:, None] * (V[:, :r].T + NOISE * torch.randn(r, d_in, generator=generator) / math.sqrt(d_in))
+            if shared_a is not None:
+                B, A = B * root_s, V[:, :r].T + shared_a * torch.randn(r, d_in, generator=generator) / math.sqrt(d_in)
             out = tensors[client.name]
             out[f"{KEY_PREFIX}{name}.lora_B.weight"] = (B / ALPHA_PER_RANK).to(_torch_dtype(dtype))  # PEFT scales by alpha / r
             out[f"{KEY_PREFIX}{name}.lora_A.weight"] = A.to(_torch_dtype(dtype))
@@ -134,7 +144,9 @@ def write_clients(root: Path, config, ranks: list[int], dtype: str, seed: int) -
             r=client.rank, lora_alpha=ALPHA_PER_RANK * client.rank, target_modules=[p.split(".")[1] for p in PROJECTIONS],
             lora_dropout=0.05, task_type="CAUSAL_LM", base_model_name_or_path=BASE_MODEL,
         )
-        write_adapter(client.path, lora, tensors.pop(client.name))
+        lora.save_pretrained(str(client.path))  # adapter_config.json, as PEFT writes it
+        weights = {key: tensor.contiguous() for key, tensor in tensors.pop(client.name).items()}
+        save_file(weights, str(client.path / "adapter_model.safetensors"), metadata={"format": "pt"})
     return clients
 
 
@@ -166,11 +178,19 @@ def folder_bytes(folder: Path) -> int:
 # ---------------------------------------------------------------- measured processes
 
 
-def run_measured(mode: str, args: list[str], workdir: Path) -> dict:
-    """Run this script in CHILD mode as its own process: its wall time and what it reports of itself."""
+def run_measured(mode: str, args: list[str], workdir: Path, source: Path | None = None, threads: int | None = None) -> dict:
+    """Run this script in CHILD mode as its own process: its wall time and what it reports of itself.
+
+    `source`: a `src` folder of another flexlora checkout to import flexlora_cli from instead;
+    `threads`: the process's OpenMP/MKL threads (default: the library's choice, all cores).
+    """
     stats = workdir / f"stats-{mode}-{time.monotonic_ns()}.json"
     out, err = stats.with_suffix(".out"), stats.with_suffix(".err")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
     with out.open("wb") as stdout, err.open("wb") as stderr:
         start = time.perf_counter()
         process = subprocess.Popen([sys.executable, __file__, CHILD, mode, str(stats), *args], stdout=stdout, stderr=stderr, env=env)
@@ -219,7 +239,7 @@ def child_main(argv: list[str]) -> int:
         read_inputs([Path(p) for p in rest[1:]], device)
     else:
         spec = json.loads(rest[0])
-        clients = write_clients(Path(spec["root"]), llama_config(spec["overrides"]), spec["ranks"], spec["dtype"], spec["seed"])
+        clients = write_clients(Path(spec["root"]), llama_config(spec["overrides"]), spec["ranks"], spec["dtype"], spec["seed"], spec["shared_a"])
         stats["clients"] = [[c.name, str(c.path), c.rank, c.num_samples] for c in clients]
     stats["in_process_seconds"] = time.perf_counter() - start
     stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
@@ -402,6 +422,8 @@ def machine() -> dict:
 def benchmark(args, workdir: Path) -> dict:
     import torch
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # the dense path, timed in this process
     ranks = args.ranks
     config = llama_config(shape_overrides(args, args.layers))
     modules = model_modules(config)
@@ -409,7 +431,10 @@ def benchmark(args, workdir: Path) -> dict:
     available = [d for d in devices if not d.startswith("cuda") or torch.cuda.is_available()]
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "load_average_before": os.getloadavg()}
     _say(f"writing {len(ranks)} clients x {len(modules)} modules ({args.dtype}) under {workdir}")
-    spec = {"root": str(workdir / "clients"), "overrides": shape_overrides(args, args.layers), "ranks": ranks, "dtype": args.dtype, "seed": args.seed}
+    spec = {
+        "root": str(workdir / "clients"), "overrides": shape_overrides(args, args.layers), "ranks": ranks, "dtype": args.dtype,
+        "seed": args.seed, "shared_a": args.shared_a,
+    }
     generated = run_measured("generate", [json.dumps(spec)], workdir)
     clients = [Client(name, Path(path), rank, count) for name, path, rank, count in generated["clients"]]
     total = sum(c.num_samples for c in clients)
@@ -418,6 +443,8 @@ def benchmark(args, workdir: Path) -> dict:
         "layers": args.layers, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
         "modules": len(modules), "dtype": args.dtype, "clients": [{"name": c.name, "rank": c.rank, "num_samples": c.num_samples} for c in clients],
         "input_bytes": folder_bytes(workdir / "clients"), "generate_seconds": generated["seconds"],
+        "shared_a": args.shared_a, "repeat": args.repeat, "compare_src": str(args.compare_src) if args.compare_src else None,
+        "threads": args.threads,
     }
     rows, outputs = measure_rounds(args, clients, devices, available, workdir)
     report["output_bytes"] = {device: folder_bytes(path) for device, path in outputs.items()}
@@ -443,21 +470,41 @@ def measure_rounds(args, clients, devices, available, workdir):
             rows.append({"path": "flexlora aggregate", "device": device, "skipped": "no CUDA device"})
             rows.append({"path": "read inputs only", "device": device, "skipped": "no CUDA device"})
             continue
-        output = workdir / f"round-{device.replace(':', '-')}"
-        _say(f"flexlora aggregate --device {device}")
         samples = ",".join(str(c.num_samples) for c in clients)
-        run = run_measured("aggregate", [*folders, "-o", str(output), "--num-samples", samples, "--device", device, "--json"], workdir)
-        cli_report = json.loads(run.pop("stdout").read_text())  # the CLI's own report: one JSON document
-        paths = Counter(module.get("path", "stacked") for module in cli_report["modules"])
-        outputs[device] = output
-        rows.append({"path": "flexlora aggregate", "device": device, "scope": f"whole round, {_layers(args.layers)}", "svd_paths": dict(paths), **run})
-        _say(f"  {run['seconds']:.2f} s, peak RSS {_size(run['peak_rss_bytes'])}, SVD paths {dict(paths)}")
+        versions = {"flexlora aggregate": (None, device)}
+        if args.compare_src:
+            versions[f"flexlora aggregate ({args.compare_label})"] = (args.compare_src, f"{device} {args.compare_label}")
+        runs = {label: [] for label in versions}
+        for attempt in range(args.repeat):  # the versions alternate, so a change in the machine's load hits both
+            for label, (source, key) in versions.items():
+                output = workdir / f"round-{key.replace(':', '-').replace(' ', '-')}"
+                _say(f"{label} --device {device} (run {attempt + 1}/{args.repeat})")
+                command = [*folders, "-o", str(output), "--num-samples", samples, "--device", device, "--json", "--overwrite"]
+                run = run_measured("aggregate", command, workdir, source, args.threads)
+                cli_report = json.loads(run.pop("stdout").read_text())  # the CLI's own report: one JSON document
+                run["svd_paths"] = dict(Counter(module.get("path", "stacked") for module in cli_report["modules"]))
+                outputs[key] = output
+                runs[label].append(run)
+                _say(f"  {run['seconds']:.2f} s ({run['in_process_seconds']:.2f} s in process), peak RSS {_size(run['peak_rss_bytes'])}, SVD paths {run['svd_paths']}")
+        for label, measured in runs.items():
+            rows.append({"path": label, "device": device, "scope": f"whole round, {_layers(args.layers)}", **_median_run(measured)})
         _say(f"read inputs only --device {device}")
-        read = run_measured("read", [device, *folders], workdir)
+        read = run_measured("read", [device, *folders], workdir, threads=args.threads)
         read.pop("stdout")
         rows.append({"path": "read inputs only", "device": device, "scope": f"whole round, {_layers(args.layers)}", **read})
         _say(f"  {read['seconds']:.2f} s")
     return rows, outputs
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """One row from repeated runs: median times, the largest peak memory, every run's times kept."""
+    row = {key: statistics.median(run[key] for run in runs) for key in ("seconds", "in_process_seconds", "cpu_seconds")}
+    row["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
+    gpu = [run["peak_gpu_bytes"] for run in runs if run.get("peak_gpu_bytes") is not None]
+    row["peak_gpu_bytes"] = max(gpu) if gpu else None
+    row["svd_paths"] = runs[-1]["svd_paths"]
+    row["runs"] = [{key: run[key] for key in ("seconds", "in_process_seconds", "cpu_seconds")} for run in runs]
+    return row
 
 
 def dense_and_accuracy(args, config, clients, weights, outputs, available, rows):
@@ -562,7 +609,10 @@ def summary_lines(report: dict) -> list[str]:
         f"load average {_load(report['load_average_before'])} before, {_load(report['load_average_after'])} after",
         f"{len(setup['clients'])} clients (ranks {ranks}), {setup['layers']} layers x 7 projections = {setup['modules']} modules "
         f"(hidden {setup['hidden_size']}, intermediate {setup['intermediate_size']}), {setup['dtype']}; "
-        f"inputs {_size(setup['input_bytes'])}",
+        f"inputs {_size(setup['input_bytes'])}"
+        + (f"; clients share A up to {setup['shared_a']:g}" if setup.get("shared_a") is not None else "")
+        + (f"; medians of {setup['repeat']} runs" if setup.get("repeat", 1) > 1 else "")
+        + (f"; {setup['threads']} thread(s)" if setup.get("threads") else ""),
         ("OK" if accuracy["ok"] else "FAILED") + f": worst flexlora difference {accuracy['max_relative_difference']:.1e} "
         f"(tolerance {accuracy['tolerance']:g}) to the dense fp64 truncation at each client's rank"
         if accuracy["modules"] else "accuracy not checked (--dense-sample 0)",
@@ -630,7 +680,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="Timings are wall-clock seconds; 'whole model' extrapolates sampled paths to all --layers layers. See benchmarks/README.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--layers", type=int, default=None, help="Decoder layers of the client set (default: LlamaConfig's 32).")
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-2-7b", help="Model shape of the client set (default: %(default)s).")
+    parser.add_argument("--layers", type=int, default=None, help="Decoder layers of the client set (default: the --model's: 32 for 7B, 80 for 70B).")
     parser.add_argument("--ranks", default=DEFAULT_RANKS, help="Comma-separated LoRA rank of each client, one client per entry (default: %(default)s).")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), default="fp32", help="dtype of the client adapters, and so of the outputs (default: %(default)s).")
     parser.add_argument("--devices", default="cpu,cuda", help="Devices to run `flexlora aggregate` and the dense path on; cuda is skipped when absent (default: %(default)s).")
@@ -640,6 +691,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--intermediate-size", type=int, default=None, help="Override LlamaConfig's intermediate_size (11008).")
     parser.add_argument("--tolerance", type=float, default=None, help="Largest accepted relative difference (default: 1e-5 for fp32, 2e-2 for bf16).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic client set (default: %(default)s).")
+    parser.add_argument("--shared-a", type=float, default=None, metavar="NOISE", help="A round after a FlexLoRA round: every client's A is the same rows up to this relative noise (e.g. 1e-3), B carries the spectrum.")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of every measured process and of the dense path (default: torch's choice, all cores); 1 is steadier on a shared machine.")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs of `flexlora aggregate` per device; the tables show medians (default: %(default)s).")
+    parser.add_argument("--compare-src", type=Path, default=None, metavar="SRC", help="Also time `flexlora aggregate` imported from this src folder of another checkout, alternating with this one.")
+    parser.add_argument("--compare-label", default="compare", help="Name of the --compare-src version in the tables (default: %(default)s).")
     parser.add_argument("--workdir", type=Path, default=None, help="Folder in which to create the run's own temporary folder (default: the system's).")
     parser.add_argument("--keep", action="store_true", help="Keep the generated clients and outputs instead of deleting them.")
     emit = parser.add_mutually_exclusive_group()
@@ -649,9 +705,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.layers is None:
         from transformers import LlamaConfig
 
-        args.layers = LlamaConfig().num_hidden_layers
-    if args.layers <= 0 or args.dense_sample < 0 or args.peft_layers < 0:
-        parser.error("--layers must be positive; --dense-sample and --peft-layers must not be negative")
+        args.layers = MODELS[args.model].get("num_hidden_layers", LlamaConfig().num_hidden_layers)
+    if args.layers <= 0 or args.dense_sample < 0 or args.peft_layers < 0 or args.repeat <= 0:
+        parser.error("--layers and --repeat must be positive; --dense-sample and --peft-layers must not be negative")
+    if args.threads is not None and args.threads <= 0:
+        parser.error("--threads must be positive")
+    if args.compare_src is not None and not (args.compare_src / "flexlora_cli").is_dir():
+        parser.error(f"--compare-src: {args.compare_src} has no flexlora_cli package (give a checkout's src folder)")
     try:
         args.ranks = [int(r) for r in args.ranks.split(",")]
     except ValueError:
