@@ -1,19 +1,14 @@
-"""A real federated fine-tuning of all-MiniLM-L6-v2 with heterogeneous LoRA ranks, every round through the CLI.
+"""A federated fine-tuning of all-MiniLM-L6-v2 with heterogeneous LoRA ranks, every round a file exchange through flexlora.
 
-Each round, every client loads its adapter with PEFT, trains on its own docstrings, and saves it
-to rounds/r<k>/clients/<client>/; the server is `flexlora aggregate --method M` run as a
-subprocess, which writes the next round's adapters to rounds/r<k+1>/server/ (a file exchange).
-Methods compared on the same seeds, data and initialisation:
+About 48 clients, one task (a Python module's docstrings) each, 10 sampled per round; the global model is
+scored on unseen tasks (modules no client trained on). Each method's learning rate is chosen once, from a
+small grid, on one seed's validation tasks; then every seed runs at that rate. Writes
+results/results.json (every curve and per-item score) and, through report.py, results/results.md and the
+plots.
 
-  flexlora  heterogeneous ranks, FlexLoRA aggregation (the global model is the exact weighted update)
-  hetlora   heterogeneous ranks, HetLoRA zero-padded averaging (the global model is the rank-r_max average)
-  fedavg    every client at the smallest rank, FedAvg of A and B (the "bucket effect")
-  local     heterogeneous ranks, no federation (each client's own model)
-
-The score is accuracy on held-out clients (docstrings no client trained on) after each round.
-
-    python examples/federated_minilm/federate.py            # default: about 15 minutes on 2 idle cores
-    python examples/federated_minilm/federate.py --quick    # smoke test, about a minute
+    python examples/federated_minilm/federate.py            # the default: one distribution, core methods, 5 seeds
+    python examples/federated_minilm/federate.py --quick    # the CI smoke test (its first server round is the CLI)
+    python examples/federated_minilm/federate.py --full     # four distributions, every method and ablation
 """
 
 from __future__ import annotations
@@ -21,236 +16,339 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import platform
+import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import client
-import corpus
-
 HERE = Path(__file__).resolve().parent
-METHODS = ("flexlora", "hetlora", "fedavg", "local")
-LARGEST_COPY = "flexlora, r_max client"  # a second view of the flexlora runs (not a separate federation)
+sys.path.insert(0, str(HERE))
 
-# Five rank levels 20x apart, the paper's 8, 16, 30, 100, 200 (for a much wider model) scaled by
-# 1/10 for MiniLM's width of 384; and the share of clients at each level in each distribution.
-RANK_LEVELS = (1, 2, 3, 10, 20)
-DISTRIBUTIONS = {
-    "uniform": (0.2, 0.2, 0.2, 0.2, 0.2),
-    "heavy-tail-light": (0.4, 0.3, 0.15, 0.1, 0.05),  # most clients small, few large
-    "normal": (0.1, 0.2, 0.4, 0.2, 0.1),
-    "heavy-tail-strong": (0.05, 0.1, 0.15, 0.3, 0.4),  # most clients large
-}
+import tasks  # noqa: E402  (light: no torch)
 
-DEFAULTS = dict(seeds="0,1,2", distribution="heavy-tail-light", clients=8, modules_per_client=3, items_per_module=40,
-                heldout_clients=4, rounds=5, steps=4, batch_size=16, lr=2e-3)  # fmt: skip
-QUICK = dict(seeds="0", clients=4, modules_per_client=2, items_per_module=16, heldout_clients=2, rounds=2, steps=3,
-             batch_size=8)  # fmt: skip
+DEFAULTS = dict(
+    seeds="0,1,2,3,4", tune_seed=0, distributions="heavy-tail-light", variants="core", lr_grid="0.025,0.05,0.1,0.2,0.4",
+    clients=48, per_round=10, rounds=20, steps=4, batch_size=8, eval_every=5, validation_tasks=10, test_tasks=12,
+    items_per_task=40, eval_items=24, local_eval_clients=8, cli_rounds=0, score_training=False,
+)  # fmt: skip
+QUICK = dict(seeds="0", distributions="heavy-tail-light", variants="core", lr_grid="0.1", clients=8, per_round=4, rounds=3,
+             eval_every=3, validation_tasks=6, test_tasks=6, items_per_task=24, eval_items=16, local_eval_clients=4, cli_rounds=1,
+             score_training=True)  # fmt: skip
+FULL = dict(distributions="all", variants="full")
 
 
-def client_ranks(distribution: str, count: int, seed: int) -> list[int]:
-    """Ranks for `count` clients in the distribution's proportions (largest remainder), shuffled by seed."""
-    shares = DISTRIBUTIONS[distribution]
-    exact = [share * count for share in shares]
-    counts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(shares)), key=lambda i: (exact[i] - counts[i], i), reverse=True)
-    for i in by_remainder[: count - sum(counts)]:
-        counts[i] += 1
-    ranks = [level for level, n in zip(RANK_LEVELS, counts) for _ in range(n)]
-    random.Random(seed).shuffle(ranks)
-    return ranks
+def jobs_plan(config: dict) -> tuple[list[tuple[str, str]], list[int]]:
+    """(distribution, variant) settings to run, and the seeds."""
+    from federation import CORE, FULL as FULL_VARIANTS, VARIANTS
+
+    names = {"core": CORE, "full": FULL_VARIANTS}.get(config["variants"]) or tuple(config["variants"].split(","))
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    distributions = list(tasks.DISTRIBUTIONS) if config["distributions"] == "all" else config["distributions"].split(",")
+    settings = []
+    for name in names:
+        # A variant whose ranks do not depend on the distribution runs once, under the first distribution.
+        for distribution in distributions[:1] if VARIANTS[name].distribution_free else distributions:
+            settings.append((distribution, name))
+    return settings, [int(s) for s in str(config["seeds"]).split(",")]
 
 
-def aggregate(method: str, uploads: Path, clients, target: Path) -> dict:
-    """The server: `flexlora aggregate` as a subprocess, reading the uploads, writing next round's adapters."""
-    command = [*flexlora_command(), "aggregate", *(f"{c.name}={uploads / c.name}" for c in clients),
-               "--method", method, "--num-samples", ",".join(str(len(c.items)) for c in clients),
-               "-o", str(target), "--json"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"flexlora aggregate failed ({done.returncode}):\n{' '.join(command)}\n{done.stderr}")
-    return json.loads(done.stdout)
+# --- the worker: one federation run per job -------------------------------------------------------------
+
+_WORKER: dict = {}
 
 
-def flexlora_command() -> list[str]:
-    installed = Path(sys.executable).with_name("flexlora")
-    return [str(installed)] if installed.exists() else [sys.executable, "-c", "from flexlora_cli.cli.app import main; main()"]
-
-
-def federate(method: str, seed: int, federation, ranks: list[int], encoder, settings, work: Path) -> dict:
-    """One federation: `settings.rounds` rounds; held-out accuracy of the global model after each."""
-    from flexlora_cli import api
-
-    clients, labels = federation.clients, federation.labels
-    if method == "fedavg":
-        ranks = [min(ranks)] * len(ranks)  # the bucket effect: everyone at the weakest client's rank
-    inbox = work / "r1" / "server"
-    for c, rank in zip(clients, ranks):
-        client.init_adapter(encoder, rank, max(ranks), seed, inbox / c.name)
-    curve, losses, largest_copy = [], [], []
-    for k in range(1, settings.rounds + 1):
-        uploads = work / f"r{k}" / "clients"
-        round_losses = [
-            client.train(encoder, inbox / c.name, uploads / c.name, c.items, labels, settings.steps,
-                         settings.batch_size, settings.lr, seed=1000 * seed + 100 * k + i)  # fmt: skip
-            for i, c in enumerate(clients)
-        ]
-        losses.append(statistics.fmean(round_losses))
-        if method == "local":
-            inbox = uploads
-            curve.append(statistics.fmean(client.evaluate(encoder, uploads / c.name, federation.heldout, labels) for c in clients))
-            continue
-        inbox = work / f"r{k + 1}" / "server"
-        aggregate(method, uploads, clients, inbox)
-        largest = inbox / clients[ranks.index(max(ranks))].name
-        if method == "flexlora":
-            # The paper's global model: the exact weighted update, not any client's truncation of it.
-            global_model = work / f"r{k}" / "global"
-            api.merge([uploads / c.name for c in clients], global_model, num_samples=[len(c.items) for c in clients])
-            # Also what the largest client gets (its best rank-r_max approximation), to compare
-            # with HetLoRA's global model at the same rank.
-            largest_copy.append(client.evaluate(encoder, largest, federation.heldout, labels))
-        else:
-            global_model = largest  # HetLoRA's global adapter is the padded average at r_max: that client's copy
-        curve.append(client.evaluate(encoder, global_model, federation.heldout, labels))
-    return {"ranks": ranks, "accuracy": curve, "train_loss": losses, **({"largest_copy": largest_copy} if largest_copy else {})}
-
-
-def run(settings) -> dict:
+def _init_worker(config: dict) -> None:
     import torch
 
-    torch.set_num_threads(settings.threads)
-    started = time.perf_counter()
-    encoder = client.Encoder(top_layers=settings.top_layers)
-    work_root = Path(settings.work) if settings.work else Path(tempfile.mkdtemp(prefix="flexlora-federation-"))
-    distributions = list(DISTRIBUTIONS) if settings.distribution == "all" else [settings.distribution]
-    runs = []
-    for seed in [int(s) for s in settings.seeds.split(",")]:
-        federation = corpus.make_federation(
-            seed, settings.clients, settings.modules_per_client, settings.items_per_module, settings.heldout_clients
-        )
-        encoder.warm([item.text for c in federation.clients + federation.heldout for item in c.items] + federation.labels)
-        zero_shot = client.evaluate(encoder, None, federation.heldout, federation.labels)
-        for distribution in distributions:
-            ranks = client_ranks(distribution, settings.clients, seed)
-            for method in settings.methods.split(","):
-                clock = time.perf_counter()
-                result = federate(method, seed, federation, ranks, encoder, settings, work_root / distribution / f"seed-{seed}" / method)
-                result["accuracy"] = [zero_shot] + result["accuracy"]
-                copy = result.pop("largest_copy", None)
-                seconds = time.perf_counter() - clock
-                runs.append({"distribution": distribution, "method": method, "seed": seed, **result, "seconds": seconds})
-                if copy:
-                    runs.append({**runs[-1], "method": LARGEST_COPY, "accuracy": [zero_shot] + copy, "seconds": 0.0})
-                print(f"{distribution:18} seed {seed} {method:8} ranks {result['ranks']} accuracy by round "
-                      f"{' '.join(f'{a:.3f}' for a in result['accuracy'])} ({seconds:.0f}s)", flush=True)  # fmt: skip
-    if not settings.work:
-        shutil.rmtree(work_root, ignore_errors=True)
-    return {"settings": vars(settings), "runs": runs, "seconds": time.perf_counter() - started, "threads": settings.threads,
-            "python": sys.version.split()[0]}  # fmt: skip
+    import client
+    import corpus
+
+    torch.set_num_threads(config["threads"])
+    _WORKER.update(config=config, corpus=corpus.load(config.get("cache")), encoder=client.Encoder(top_layers=config["top_layers"]),
+                   seeds={})  # fmt: skip
 
 
-def summarize(results: dict) -> str:
-    """A markdown table: held-out accuracy after the last round, mean ± std over seeds.
+def _seed_state(seed: int):
+    """The seed's federation, its scorer and the base model's scores (built once per worker)."""
+    import federation
 
-    Seeds draw different modules, so the absolute accuracy varies with the seed; the paired
-    columns (same seed, same data) show the differences between methods more precisely.
+    if seed not in _WORKER["seeds"]:
+        config, encoder = _WORKER["config"], _WORKER["encoder"]
+        drawn = tasks.make_federation(_WORKER["corpus"], seed, config["clients"], config["validation_tasks"], config["test_tasks"],
+                                      config["items_per_task"], config["eval_items"])  # fmt: skip
+        encoder.warm(drawn.all_texts())
+        scorer = federation.Scorer(encoder, drawn, training=config["score_training"])
+        zero = {part: v.tolist() for part, v in scorer.score(None, scorer.parts).items()}
+        _WORKER["seeds"][seed] = (drawn, scorer, zero)
+    return _WORKER["seeds"][seed]
+
+
+def _run_job(job: dict) -> dict:
+    import federation
+
+    config = _WORKER["config"]
+    drawn, scorer, zero = _seed_state(job["seed"])
+    ranks = tasks.client_ranks(job["distribution"], config["clients"], job["seed"])
+    settings = federation.Settings(rounds=config["rounds"], per_round=config["per_round"], steps=config["steps"],
+                                   batch_size=config["batch_size"], eval_every=config["eval_every"],
+                                   local_eval_clients=config["local_eval_clients"], cli_rounds=config["cli_rounds"])  # fmt: skip
+    work = Path(config["work"]) / job["distribution"] / job["variant"] / f"seed-{job['seed']}" / f"lr-{job['lr']:g}"
+    if work.exists():
+        shutil.rmtree(work)
+    record = federation.run(federation.VARIANTS[job["variant"]], drawn, ranks, job["lr"], settings, _WORKER["encoder"], scorer, work)
+    if not config["keep_work"]:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{job['distribution']:17} {job['variant']:17} seed {job['seed']} lr {job['lr']:<5g} validation {federation.validation_score(record):.3f} "
+          f"unseen {record['curves']['test'][-1]:.3f} seen {record['curves']['seen'][-1]:.3f} ({record['seconds']:.0f}s)", flush=True)  # fmt: skip
+    return {**job, **record, "zero_shot": zero}
+
+
+def _run_group(group: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    return [(index, _run_job(job)) for index, job in group]
+
+
+def _map(config: dict, jobs: list[dict]) -> list[dict]:
+    """Run jobs in `config['jobs']` worker processes (in this process when 1), results in job order.
+
+    A worker caches the frozen layers' outputs per seed (about 20 s of CPU per seed), so jobs are dealt
+    out by seed: each worker gets whole seeds where there are enough seeds to go round, else a share
+    of one seed's jobs.
     """
-    rows = ["| distribution | method | client ranks (one list per seed) | held-out accuracy, last round "
-            "| gain over the base model (paired) | flexlora minus this (paired) | best round |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
-    final = {(r["distribution"], r["method"], r["seed"]): r["accuracy"][-1] for r in results["runs"]}
-    groups, zero_shot = {}, {}
-    for r in results["runs"]:
-        groups.setdefault((r["distribution"], r["method"]), []).append(r)
-        zero_shot.setdefault(r["distribution"], {})[r["seed"]] = r["accuracy"][0]
-    for (distribution, method), group in groups.items():
-        seeds = [r["seed"] for r in group]
-        finals = [final[distribution, method, s] for s in seeds]
-        gains = [f - zero_shot[distribution][s] for f, s in zip(finals, seeds)]
-        versus = [final.get((distribution, "flexlora", s)) for s in seeds]
-        versus = _mean_std([v - f for v, f in zip(versus, finals)]) if method != "flexlora" and None not in versus else "-"
-        curves = [statistics.fmean(values) for values in zip(*(r["accuracy"] for r in group))]
-        ranks = "; ".join(",".join(map(str, r["ranks"])) for r in group)
-        best = max(range(len(curves)), key=curves.__getitem__)
-        rows.append(f"| {distribution} | {method} | {ranks} | {_mean_std(finals)} | {_mean_std(gains, signed=True)} | {versus} | {best} |")
-    for distribution, values in zero_shot.items():
-        rows.append(f"| {distribution} | base model (zero-shot) | - | {_mean_std(list(values.values()))} | - | - | - |")
-    seeds = sorted({r["seed"] for r in results["runs"]})
-    return "\n".join(rows) + f"\n\n{len(seeds)} seed(s) {seeds}; total time {results['seconds'] / 60:.1f} min with {results['threads']} thread(s).\n"
+    indexed = list(enumerate(jobs))
+    workers = max(1, min(config["jobs"], len(jobs)))
+    if workers == 1:
+        if not _WORKER:
+            _init_worker(config)
+        return [result for _, result in _run_group(indexed)]
+    seeds = sorted({job["seed"] for job in jobs})
+    groups: list[list[tuple[int, dict]]] = [[] for _ in range(workers)]
+    if len(seeds) >= workers:
+        for seed in seeds:
+            min(groups, key=len).extend(item for item in indexed if item[1]["seed"] == seed)
+    else:
+        for position, item in enumerate(indexed):
+            groups[position % workers].append(item)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+        done = dict(item for group in pool.map(_run_group, groups, chunksize=1) for item in group)
+    return [done[index] for index in range(len(jobs))]
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    distributions = list(dict.fromkeys(r["distribution"] for r in results["runs"]))
-    figure, axes = plt.subplots(1, len(distributions), figsize=(5.5 * len(distributions), 4), squeeze=False)
-    for axis, distribution in zip(axes[0], distributions):
-        for method in dict.fromkeys(r["method"] for r in results["runs"]):
-            curves = [r["accuracy"] for r in results["runs"] if r["distribution"] == distribution and r["method"] == method]
-            mean = [statistics.fmean(v) for v in zip(*curves)]
-            spread = [statistics.pstdev(v) for v in zip(*curves)]
-            rounds = range(len(mean))
-            axis.plot(rounds, mean, marker="o", label=method)
-            axis.fill_between(rounds, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.15)
-        seeds = len({r["seed"] for r in results["runs"]})
-        axis.set(title=f"ranks: {distribution} (mean ± std, {seeds} seeds)", xlabel="round", ylabel="held-out accuracy", xticks=list(rounds))
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+# --- the sweep ------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float], signed: bool = False) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):{'+' if signed else ''}.3f} ± {spread:.3f}"
+# What must match for a run of an earlier results.json to stand for a run of this sweep.
+SAME_SETUP = ("clients", "per_round", "rounds", "steps", "batch_size", "eval_every", "validation_tasks", "test_tasks",
+              "items_per_task", "eval_items", "local_eval_clients", "top_layers", "lr_grid", "tune_seed", "score_training")  # fmt: skip
 
 
-def parse(argv=None):
+def reusable(config: dict, paths: list[str]) -> dict[tuple, dict]:
+    """Runs of earlier sweeps with the same setup and corpus, by (distribution, variant, seed, lr)."""
+    import corpus
+
+    found = {}
+    fingerprint = corpus.fingerprint(corpus.load(config.get("cache"))) if paths else None
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        different = [k for k in SAME_SETUP if earlier["config"].get(k) != config.get(k)]
+        if different or earlier["environment"]["corpus"]["fingerprint"] != fingerprint:
+            raise SystemExit(f"{path}: another setup ({', '.join(different) or 'corpus'} differ); cannot reuse its runs")
+        for r in earlier["runs"]:
+            found.setdefault((r["distribution"], r["variant"], r["seed"], r["lr"]),
+                             {**r, "zero_shot": earlier["zero_shot"][str(r["seed"])], "reused": f"{Path(path).parent.name}/{Path(path).name}"})  # fmt: skip
+    return found
+
+
+def _map_reusing(config: dict, jobs: list[dict], earlier: dict[tuple, dict]) -> list[dict]:
+    key = lambda job: (job["distribution"], job["variant"], job["seed"], job["lr"])  # noqa: E731
+    todo = [job for job in jobs if key(job) not in earlier]
+    done = {key(job): run for job, run in zip(todo, _map(config, todo))} if todo else {}
+    return [dict(done.get(key(job)) or earlier[key(job)]) for job in jobs]
+
+
+def sweep(config: dict) -> dict:
+    """Tune each setting's learning rate on the tuning seed's validation tasks, then run every seed at it."""
+    from federation import VARIANTS, validation_score
+
+    started, usage = time.perf_counter(), _cpu_seconds()
+    load = _LoadSampler()
+    earlier = reusable(config, config.get("reuse") or [])
+    settings, seeds = jobs_plan(config)
+    grid = [float(x) for x in str(config["lr_grid"]).split(",")]
+    tune_seed = config["tune_seed"] if config["tune_seed"] in seeds else seeds[0]
+    # Slow methods first, so the last jobs to finish are short ones.
+    order = {"lora-fair": 0, "flora": 1, "hetlora": 2, "local": 3}
+    # Each method's rate is tuned once, under the first distribution; the others run at it (as the issue asks:
+    # tuned once, on one seed's validation split). `--tune-each` tunes every (distribution, method) instead.
+    tuned = settings if config.get("tune_each") else [(d, v) for d, v in settings if d == settings[0][0] or VARIANTS[v].distribution_free]
+    tuned_in = {v: d for d, v in reversed(tuned)}
+    tuning_jobs = [dict(distribution=d, variant=v, seed=tune_seed, lr=lr) for d, v in tuned for lr in grid]
+    tuning_jobs.sort(key=lambda j: order.get(j["variant"], 9))
+    phase_started = time.perf_counter()
+    runs = _map_reusing(config, tuning_jobs, earlier)
+    tuning_seconds = time.perf_counter() - phase_started
+    tuning, chosen = {}, {}
+    for d, v in tuned:
+        scores = {r["lr"]: validation_score(r) for r in runs if (r["distribution"], r["variant"]) == (d, v)}
+        best = max(sorted(scores), key=lambda lr: scores[lr])  # ties: the smaller rate
+        chosen[d, v] = best
+        tuning.setdefault(d, {})[v] = {"grid": grid, "validation": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best,
+                                       "at_edge": len(grid) > 1 and best in (grid[0], grid[-1])}  # fmt: skip
+    for d, v in settings:
+        chosen.setdefault((d, v), chosen[tuned_in[v], v])
+    for run in runs:
+        run["tuning_only"] = run["lr"] != chosen[run["distribution"], run["variant"]]
+    rest = [dict(distribution=d, variant=v, seed=s, lr=chosen[d, v]) for d, v in settings for s in seeds
+            if s != tune_seed or (d, v) not in tuned]  # fmt: skip
+    rest.sort(key=lambda j: order.get(j["variant"], 9))
+    phase_started = time.perf_counter()
+    for run in _map_reusing(config, rest, earlier):
+        run["tuning_only"] = False
+        runs.append(run)
+    zero_shot = {}
+    for run in runs:
+        zero_shot.setdefault(str(run["seed"]), run.pop("zero_shot"))
+    load.stop()
+    return {
+        "config": {k: v for k, v in config.items() if k not in ("work", "cache", "reuse")},
+        "reused_from": config.get("reuse"),
+        "variants": {name: {"title": VARIANTS[name].title, "method": VARIANTS[name].method, "ranks": VARIANTS[name].ranks,
+                            "balanced": VARIANTS[name].balanced, "pruning": VARIANTS[name].pruning,
+                            "distribution_free": VARIANTS[name].distribution_free} for _, name in settings},  # fmt: skip
+        "distributions": sorted({d for d, _ in settings}, key=list(tasks.DISTRIBUTIONS).index),
+        "seeds": seeds,
+        "tune_seed": tune_seed,
+        "tuning": tuning,
+        "zero_shot": zero_shot,
+        "federations": _federations(config, seeds, sorted({d for d, _ in settings})),
+        "runs": runs,
+        "environment": _environment(config),
+        "timing": {"wall_seconds": time.perf_counter() - started, "tuning_seconds": tuning_seconds,
+                   "seeds_seconds": time.perf_counter() - phase_started, "cpu_seconds": _cpu_seconds() - usage,
+                   "load_average": load.summary()},  # fmt: skip
+    }
+
+
+def _federations(config: dict, seeds: list[int], distributions: list[str]) -> dict:
+    """What each seed drew (task names and client ranks), to trace every number to its setup."""
+    import corpus
+
+    text = corpus.load(config.get("cache"))
+    described = {}
+    for seed in seeds:
+        drawn = tasks.make_federation(text, seed, config["clients"], config["validation_tasks"], config["test_tasks"],
+                                      config["items_per_task"], config["eval_items"])  # fmt: skip
+        described[str(seed)] = {
+            "train_tasks": list(drawn.train_tasks), "validation_tasks": list(drawn.validation_tasks), "test_tasks": list(drawn.test_tasks),
+            "client_items": [len(c.items.texts) for c in drawn.clients],
+            "eval_items": {name: len(items.texts) for name, items in drawn.eval_sets().items()},
+            "ranks": {d: tasks.client_ranks(d, config["clients"], seed) for d in distributions},
+        }  # fmt: skip
+    return described
+
+
+def _environment(config: dict) -> dict:
+    import importlib.metadata
+
+    import corpus
+
+    text = corpus.load(config.get("cache"))
+    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "flexlora-cli")}
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads_per_job": config["threads"], "jobs": config["jobs"], "packages": versions,
+            "corpus": {"sources": corpus.sources(), "fingerprint": corpus.fingerprint(text), "tasks": len(text),
+                       "items": sum(map(len, text.values()))}}  # fmt: skip
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class _LoadSampler:
+    """The machine's 1-minute load average, sampled every 15 s while the sweep runs (the machine may be shared)."""
+
+    def __init__(self):
+        self.samples = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.wait(15):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self):
+        self._stop.set()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        return {"start": self.samples[0], "end": self.samples[-1], "mean": sum(self.samples) / len(self.samples),
+                "min": min(self.samples), "max": max(self.samples)}  # fmt: skip
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def parse(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"smoke-test size: {QUICK}")
-    parser.add_argument("--seeds", help="comma-separated seeds")
-    parser.add_argument("--distribution", choices=[*DISTRIBUTIONS, "all"], help="rank distribution across clients")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
-    for name in ("clients", "modules_per_client", "items_per_module", "heldout_clients", "rounds", "steps", "batch_size"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--top-layers", type=int, default=2, help="LoRA on this many top layers (the rest are frozen and cached)")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
-    parser.add_argument("--out", default=str(HERE / "results"), help="folder for results.json, results.md, accuracy_by_round.png")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=f"smoke-test size (CI): {QUICK}")
+    size.add_argument("--full", action="store_true", help=f"the whole matrix: {FULL}")
+    parser.add_argument("--seeds", help=f"comma-separated seeds (default {DEFAULTS['seeds']})")
+    parser.add_argument("--tune-seed", type=int, help="the seed whose validation tasks choose each method's learning rate")
+    parser.add_argument("--distributions", help="comma-separated rank distributions, or all: " + ", ".join(tasks.DISTRIBUTIONS))
+    parser.add_argument("--variants", help="core, full, or comma-separated names (see federation.VARIANTS)")
+    parser.add_argument("--lr-grid", help="comma-separated learning rates to choose from")
+    for name in ("clients", "per_round", "rounds", "steps", "batch_size", "eval_every", "validation_tasks", "test_tasks",
+                 "items_per_task", "eval_items", "local_eval_clients", "cli_rounds"):  # fmt: skip
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {DEFAULTS[name]}")
+    parser.add_argument("--top-layers", type=int, default=1, help="LoRA on this many top layers (the rest are frozen and cached)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one run each at a time)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for results.json, results.md and the plots")
     parser.add_argument("--work", help="keep every round's adapters here (default: a temporary folder, deleted)")
-    settings = parser.parse_args(argv)
-    for key, value in {**DEFAULTS, **(QUICK if settings.quick else {})}.items():
-        if getattr(settings, key) is None:
-            setattr(settings, key, value)
-    unknown = set(settings.methods.split(",")) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}")
-    return settings
+    parser.add_argument("--cache", help="corpus cache folder (default $FLEXLORA_EXAMPLE_CACHE or ~/.cache/flexlora-example)")
+    parser.add_argument("--tune-each", action="store_true", help="tune every (distribution, method) (default: each method once, under the first distribution)")
+    parser.add_argument("--reuse", action="append", help="an earlier results.json with the same setup: its runs are taken, not run again (repeatable)")
+    args = parser.parse_args(argv)
+    config = dict(DEFAULTS)
+    config.update(QUICK if args.quick else FULL if args.full else {})
+    for key, value in vars(args).items():
+        if value is not None and key not in ("quick", "full"):
+            config[key] = value
+    config["mode"] = "quick" if args.quick else "full" if args.full else "default"
+    return config
 
 
 def main(argv=None) -> None:
-    settings = parse(argv)
-    results = run(settings)
-    out = Path(settings.out)
+    config = parse(argv)
+    config["keep_work"] = bool(config.get("work"))
+    config["work"] = config.get("work") or tempfile.mkdtemp(prefix="flexlora-federation-")
+    out = Path(config["out"])
+    try:
+        results = sweep(config)
+    finally:
+        if not config["keep_work"]:
+            shutil.rmtree(config["work"], ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    table = summarize(results)
-    (out / "results.md").write_text(table)
-    plot(results, out / "accuracy_by_round.png")
-    print(table)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_by_round.png'}")
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    import report
+
+    report.write(results, out)
+    timing = results["timing"]
+    print(f"wrote {out}/results.json, results.md and plots: {timing['wall_seconds'] / 60:.1f} min wall, "
+          f"{timing['cpu_seconds'] / 60:.1f} CPU-min, load average {timing['load_average']['mean']:.1f} (mean)")  # fmt: skip
 
 
 if __name__ == "__main__":
