@@ -63,6 +63,19 @@ def test_quick_run_covers_every_core_method_with_consistent_curves(quick_run):
     assert runs["fedavg-rmax"]["ranks"] == [20] * results["config"]["clients"]
 
 
+def test_corpus_does_not_depend_on_what_the_process_imported(quick_run):
+    """The quick run (one process) imports transformers before it builds the corpus; transformers adds methods
+    to logging.Logger. The corpus is built in a fresh interpreter, so none of them is an item."""
+    import logging
+
+    import transformers  # noqa: F401
+
+    root, _ = quick_run
+    added = {f"Logger.{name}" for name, member in vars(logging.Logger).items() if getattr(member, "__module__", "logging") != "logging"}
+    names = {name for items in corpus.load(root / "cache").values() for _, name in items}
+    assert not names & added, sorted(names & added)
+
+
 def test_quick_run_learns_through_the_file_exchange(quick_run):
     """After 3 short rounds, a global model written by `flexlora aggregate` (and loaded back with PEFT) names its
     clients' training items better than the base model does; centralised training, much better."""

@@ -32,6 +32,7 @@ import json
 import os
 import pkgutil
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -68,15 +69,20 @@ Corpus = dict[str, list[list[str]]]  # task (module) -> [text, name] items, sort
 def load(cache_dir: str | Path | None = None) -> Corpus:
     """The corpus for this Python and these package versions, built once and then read from the cache."""
     path = corpus_path(cache_dir)
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["modules"]
+    if not path.is_file():
+        # Built in a fresh interpreter: what this process imported matters (transformers, once imported, adds
+        # documented methods to logging.Logger), and the corpus must depend on the versions alone.
+        subprocess.run([sys.executable, "-W", "ignore", str(Path(__file__).resolve()), "--write", str(path)], check=True)
+    return json.loads(path.read_text(encoding="utf-8"))["modules"]
+
+
+def _write(path: Path) -> None:
     modules = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"version": CORPUS_VERSION, "sources": sources(), "modules": modules}
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # two workers may build at once
     temporary.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     temporary.replace(path)
-    return modules
 
 
 def corpus_path(cache_dir: str | Path | None = None) -> Path:
@@ -237,6 +243,9 @@ def _key(text: str) -> str:
 
 
 if __name__ == "__main__":  # python corpus.py: build (or read) the corpus and describe it
+    if sys.argv[1:2] == ["--write"]:  # what load() runs in a fresh interpreter
+        _write(Path(sys.argv[2]))
+        sys.exit()
     corpus = load()
     print(f"{corpus_path()}: {len(corpus)} tasks, {sum(map(len, corpus.values()))} items, fingerprint {fingerprint(corpus)}")
     for label, items in corpus.items():

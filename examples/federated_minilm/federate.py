@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 import tasks  # noqa: E402  (light: no torch)
 
 DEFAULTS = dict(
-    seeds="0,1,2,3,4", tune_seed=0, distributions="heavy-tail-light", variants="core", lr_grid="0.025,0.05,0.1,0.2,0.4",
+    seeds="0,1,2,3,4", tune_seed=0, distributions="heavy-tail-light", variants="core", lr_grid="0.05,0.1,0.2",
     clients=48, per_round=10, rounds=20, steps=4, batch_size=8, eval_every=5, validation_tasks=10, test_tasks=12,
     items_per_task=40, eval_items=24, local_eval_clients=8, cli_rounds=0, score_training=False,
 )  # fmt: skip
@@ -327,8 +327,17 @@ def parse(argv=None) -> dict:
     for key, value in vars(args).items():
         if value is not None and key not in ("quick", "full"):
             config[key] = value
-    config["mode"] = "quick" if args.quick else "full" if args.full else "default"
+    plain = all(config[k] == DEFAULTS[k] for k in ("seeds", "distributions", "variants"))
+    config["mode"] = "quick" if args.quick else "full" if args.full else "default" if plain else "custom"
     return config
+
+
+def dumps(results: dict) -> str:
+    """results.json's text: compact JSON, one line per top-level key and one per run (small, and diffs stay readable)."""
+    line = lambda value: json.dumps(value, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    body = [json.dumps(key) + ":" + ("[\n" + ",\n".join(map(line, value)) + "\n]" if key == "runs" else line(value))
+            for key, value in sorted(results.items())]  # fmt: skip
+    return "{\n" + ",\n".join(body) + "\n}\n"
 
 
 def main(argv=None) -> None:
@@ -342,7 +351,7 @@ def main(argv=None) -> None:
         if not config["keep_work"]:
             shutil.rmtree(config["work"], ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    (out / "results.json").write_text(dumps(results))
     import report
 
     report.write(results, out)

@@ -8,7 +8,7 @@ train one local epoch's worth of steps, and save their uploads; the server aggre
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

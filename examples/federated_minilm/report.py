@@ -103,7 +103,13 @@ def table(results: dict, distribution: str) -> str:
         cells.append(f"{np.mean(energies):.3f}" if energies else "–")
         rows.append("| " + " | ".join(cells) + " |")
     zero = [_fmt(*bootstrap([zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}")) for m in METRICS]
-    rows.append("| base model, no training | – | " + " | ".join(zero) + " | – | – | – | – |")
+    if reference["test"]:  # paired with the base model's predictions on the same seed and items
+        zero += [_fmt(*bootstrap([reference[m][s] - zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}/diff"), signed=True)
+                 for m in ("test", "seen")]  # fmt: skip
+        zero.append(f"{sum(reference[HEADLINE][s].mean() > zero_scores(results, HEADLINE)[s].mean() for s in seeds)}/{len(seeds)}")
+    else:
+        zero += ["–"] * 3
+    rows.append("| base model, no training | – | " + " | ".join(zero) + " | – |")
     return "\n".join(rows) + "\n"
 
 
