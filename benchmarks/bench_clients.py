@@ -235,27 +235,31 @@ def crossover(d: int, counts: list[int], repeat: int = 1) -> list[dict]:
     return rows
 
 
-def calibrate(d: int = 2048) -> svd_paths.Rates:
-    """Measured throughput of GEMM (fp32, fp64), QR, thin SVD and client generation on this machine."""
+def calibrate(d: int = 2048, device: str = "cpu") -> svd_paths.Rates:
+    """Measured throughput of GEMM (fp32, fp64), QR, thin SVD and client generation on this machine
+    (on `device`: svd_paths.CUDA_RATES comes from `--calibrate --device cuda`)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def best(call, repeat=3):
         call()
+        sync()
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
             call()
+            sync()
             times.append(time.perf_counter() - start)
         return min(times)
 
-    X, Y = torch.randn(d, d // 2), torch.randn(d // 2, d)
+    X, Y = torch.randn(d, d // 2, device=device), torch.randn(d // 2, d, device=device)
     gemm = 2.0 * d * d * (d // 2) / best(lambda: X @ Y)
-    F = torch.randn(2 * d, 288, dtype=torch.float64)  # a stacked factor of a 4096-wide module, R = 288: its Gram matrix
+    F = torch.randn(2 * d, 288, dtype=torch.float64, device=device)  # a stacked factor of a 4096-wide module, R = 288: its Gram matrix
     gemm64 = 2.0 * F.shape[0] * F.shape[1] ** 2 / best(lambda: F.mT @ F)
     qr = (2.0 * d * (d // 2) ** 2 - 2.0 * (d // 2) ** 3 / 3) / best(lambda: torch.linalg.qr(X))
-    S = torch.randn(d // 2, d // 2)
+    S = torch.randn(d // 2, d // 2, device=device)
     svd = (d // 2) ** 3 / best(lambda: torch.linalg.svd(S, full_matrices=False))
-    terms = decaying_clients(d, d, [8] * 50 + [200] * 10)
-    load = 2 * d * 2400 / best(lambda: list(terms()))
+    terms = decaying_clients(d, d, [8] * 50 + [200] * 10)  # generated and read on the CPU, then moved, as files are
+    load = 2 * d * 2400 / best(lambda: [(t.B.to(device), t.A.to(device)) for t in terms()])
     return svd_paths.Rates(gemm=gemm, gemm64=gemm64, qr=qr, svd=svd, load=load)
 
 
@@ -394,7 +398,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="Runs per path; the best time counts (shared machines).")
     parser.add_argument("--crossover", type=int, metavar="D", help="Sweep client counts on a DxD module, stacked vs dense.")
     parser.add_argument("--counts", default="10,20,40,60,80,120", help="Client counts for --crossover.")
-    parser.add_argument("--calibrate", action="store_true", help="Print measured rates for svd_paths.CPU_RATES.")
+    parser.add_argument("--calibrate", action="store_true", help="Print measured rates for svd_paths.CPU_RATES (CUDA_RATES with --device cuda).")
+    parser.add_argument("--device", default="cpu", help="Device for --calibrate (default: %(default)s).")
     parser.add_argument("--kernels", action="store_true", help="Gram-QR vs Householder stacked SVD on the 7B round's stacks, alternating (--repeat runs, medians).")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared machine.")
     parser.add_argument("--json", type=Path, help="Also write the rows to this file.")
@@ -421,7 +426,7 @@ def main() -> None:
     )
     print(header)
     if args.calibrate:
-        print(calibrate())
+        print(calibrate(device=args.device))
         return
     if args.kernels:
         rows = kernels(max(args.repeat, 1))

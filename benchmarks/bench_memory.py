@@ -14,6 +14,7 @@ This script measures that on real PEFT client folders, each command as its own p
 Cases (`--case`):
     clients40     40 clients (16 at rank 8, 12 at 16, 8 at 32, 4 at 64) on 4 Llama-2-7B layers, fp32
     llama-2-70b   10 clients (ranks 8 x 6, 16, 32, 64, 128) on all 80 Llama-2-70B layers, bf16 (~7.4 GB of inputs)
+    layer80       80 clients (the paper's mix) on one Llama-2-7B layer (7 modules), fp32
     clients1000   1,000 clients (the paper's mix: 85 % rank 8, 15 % rank 200) on one 4096x4096 module,
                   beside bench_clients.py's svd_paths-only run of the same case (no files, no CLI)
 
@@ -71,6 +72,8 @@ CASES = {
                       "40 clients (16 x r8, 12 x r16, 8 x r32, 4 x r64) on 4 Llama-2-7B layers, fp32"),
     "llama-2-70b": Case("llama-2-70b", 80, [8] * 6 + [16, 32, 64, 128], "bf16",
                         "10 clients (r8 x 6, 16, 32, 64, 128) on 80 Llama-2-70B layers, bf16"),
+    "layer80": Case("llama-2-7b", 1, paper_mix(80), "fp32",
+                    "80 clients (68 x r8, 12 x r200) on one Llama-2-7B layer, fp32"),
     "clients1000": Case("module4096", 1, paper_mix(1000), "fp32",
                         "1,000 clients (850 x r8, 150 x r200) on one 4096x4096 q_proj, fp32"),
 }
@@ -203,10 +206,13 @@ def case_overrides(case: Case, args) -> dict:
 
 def benchmark(args, workdir: Path) -> dict:
     case = CASES[args.case]
+    if args.ranks:
+        ranks = [int(r) for r in args.ranks.split(",")]
+        case = Case(case.model, case.layers, ranks, case.dtype, f"{len(ranks)} clients (ranks {args.ranks}) on {case.about.split(' on ', 1)[1]}")
     overrides = case_overrides(case, args)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "case": args.case,
-        "about": case.about, "overrides": overrides, "load_average_before": os.getloadavg(), "disk_free_before": _disk_free(workdir),
+        "about": case.about, "overrides": overrides, "device": args.device or "auto", "load_average_before": os.getloadavg(), "disk_free_before": _disk_free(workdir),
     }
     say(f"writing {case.about} under {workdir}")
     start = time.perf_counter()
@@ -232,7 +238,7 @@ def benchmark(args, workdir: Path) -> dict:
     for global_ in [False, True] if args.global_ else [False]:
         output = workdir / ("round-global" if global_ else "round")
         command = [*cli, "aggregate", *folders, "-o", str(output), "--num-samples", samples, "--json", "--overwrite",
-                   *(["--global"] if global_ else [])]
+                   *(["--global"] if global_ else []), *(["--device", args.device] if args.device else [])]
         label = "aggregate --global" if global_ else "aggregate"
         say(f"{label}: {len(clients)} clients")
         run = check(measure(label.replace(" ", ""), command, workdir, env, watch=output))
@@ -362,6 +368,7 @@ def say(message: str) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="clients40", help="Client set (default: %(default)s).")
+    parser.add_argument("--ranks", default=None, help="Comma-separated client ranks instead of the case's (not for clients1000).")
     parser.add_argument("--layers", type=int, default=None, help="Decoder layers (default: the case's).")
     parser.add_argument("--hidden-size", type=int, default=None, help="Override the model's hidden size (a quick run).")
     parser.add_argument("--intermediate-size", type=int, default=None, help="Override the model's intermediate size.")
@@ -369,6 +376,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-svd-paths", dest="svd_paths", action="store_false",
                         help="clients1000: skip the svd_paths-only run beside the whole process.")
     parser.add_argument("--repeat", type=int, default=2, help="Runs of the baseline `inspect` (the largest peak counts; default: %(default)s).")
+    parser.add_argument("--device", default=None, help="`--device` of the measured `flexlora aggregate` (default: its own, auto).")
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the measured processes (default: all cores).")
     parser.add_argument("--workdir", type=Path, default=None, help="Folder for the run's temporary folder (default: the system's).")
     parser.add_argument("--keep", action="store_true", help="Keep the generated clients and outputs.")

@@ -192,3 +192,39 @@ def test_corpus_cleaning_masks_names_and_drops_ambiguous_texts():
     assert sorted(cleaned) == ["alpha", "beta"]  # "tiny" has too few items
     assert all(text.lower().rstrip(".") != "both modules say this" for items in cleaned.values() for text, _ in items)
     assert len(cleaned["alpha"]) == 30 and len(cleaned["beta"]) == 25
+
+
+def test_fixed_learning_rate_option_names_variants_by_pattern():
+    import federate
+
+    config = federate.parse(["--variants", "flexlora,flexlora-dp-s1,flexlora-dp-s0.3", "--fixed-lr", "flexlora-dp-*=0.05"])
+    assert federate.fixed_rates(config, ["flexlora", "flexlora-dp-s1", "flexlora-dp-s0.3"]) == {"flexlora-dp-s1": 0.05, "flexlora-dp-s0.3": 0.05}
+    with pytest.raises(SystemExit, match="does not have: nope"):
+        federate.jobs_plan(federate.parse(["--variants", "flexlora", "--fixed-lr", "nope=0.1"]))
+    with pytest.raises(SystemExit):  # argparse: a rate must be positive
+        federate.parse(["--fixed-lr", "flexlora=0"])
+
+
+def test_privacy_table_pairs_dp_runs_with_flexlora_and_shows_the_ledger_epsilon():
+    def run(variant, seed, scores, epsilon=None):
+        record = {"variant": variant, "seed": seed, "distribution": "heavy-tail-light", "lr": 0.05, "tuning_only": False, "energy": [],
+                  "final": {"test": scores, "seen": scores}}
+        if epsilon is not None:
+            record.update(privacy={"epsilon": epsilon, "delta": 1e-5, "rounds": 20}, clipped=[0, 10], client_norms=[[0.1] * 10, [2.0] * 10])
+        return record
+
+    results = {
+        "seeds": [0, 1], "distributions": ["heavy-tail-light"],
+        "variants": {"flexlora": {"title": "FlexLoRA", "distribution_free": False, "privacy": None},
+                     "flexlora-dp-s1": {"title": "FlexLoRA + DP", "distribution_free": False, "privacy": [1.6, 1.0]}},
+        "zero_shot": {"0": {"test": [0, 1, 0, 1], "seen": [0, 1, 0, 1]}, "1": {"test": [0, 1, 0, 1], "seen": [0, 1, 0, 1]}},
+        "runs": [run("flexlora", 0, [1, 1, 1, 1]), run("flexlora", 1, [1, 1, 1, 1]),
+                 run("flexlora-dp-s1", 0, [0, 0, 0, 0], 7.78), run("flexlora-dp-s1", 1, [0, 0, 0, 0], 7.78)],
+    }  # fmt: skip
+    rows = report.privacy_table(results, "heavy-tail-light").splitlines()
+    private = next(row for row in rows if row.startswith("| FlexLoRA + DP |"))
+    assert "| 1.6 | 1 | 7.78 (1e-05, 20 rounds) | 0.05 | 0.000 [0.000, 0.000] |" in private
+    assert "+1.000 [+1.000, +1.000]" in private and "| 2/2 | 50% |" in private  # paired: FlexLoRA minus DP, per item
+    assert rows[-1].startswith("| base model, no training |")
+    results["runs"] = results["runs"][:2]  # no DP run: no table
+    assert report.privacy_table(results, "heavy-tail-light") == ""

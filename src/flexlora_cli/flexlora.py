@@ -18,7 +18,7 @@ No files, no network: tensors in, tensors out. Bad arguments raise ValueError.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +85,19 @@ def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float
     return [w / total for w in scaled]
 
 
-def stack_terms(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """B_cat = [c_1 B_1, ..., c_n B_n] (d_out x R) and A_cat = [A_1; ...; A_n] (R x d_in)."""
-    if not terms:
+def stack_terms(terms: Iterable[LoraTerm], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """B_cat = [c_1 B_1, ..., c_n B_n] (d_out x R) and A_cat = [A_1; ...; A_n] (R x d_in).
+
+    `terms` is consumed one at a time: from a lazy source (a client's factors read when its turn
+    comes) only the scaled pieces are held until they are joined, not the factors as read as well.
+    """
+    Bs, As = [], []
+    for term in terms:
+        Bs.append(term.B.to(dtype) * term.coeff)
+        As.append(term.A.to(dtype))
+    if not Bs:
         raise ValueError("need at least one LoRA term")
-    B_cat = torch.cat([term.B.to(dtype) * term.coeff for term in terms], dim=1)
-    A_cat = torch.cat([term.A.to(dtype) for term in terms], dim=0)
-    return B_cat, A_cat
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
 
 def factored_svd(B: Tensor, A: Tensor) -> LowRank:
@@ -134,7 +140,7 @@ def dense_svd(delta: Tensor) -> LowRank:
     return canonical_signs(LowRank(U, S, Vh))
 
 
-def merge(terms: Sequence[LoraTerm], dtype: torch.dtype = torch.float32) -> LowRank:
+def merge(terms: Iterable[LoraTerm], dtype: torch.dtype = torch.float32) -> LowRank:
     """FlexLoRA's merged update sum_i c_i B_i A_i, as its exact SVD (factored path)."""
     return factored_svd(*stack_terms(terms, dtype))
 

@@ -46,7 +46,7 @@ class UpdateStore:
 
     def put(self, name: str, entry: ModuleUpdate | dict[str, torch.Tensor]) -> None:
         tensors = entry if isinstance(entry, dict) else entry.tensors()
-        tensors = {key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
+        tensors = {key: _own(tensor) for key, tensor in tensors.items()}
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.folder is None or self.held + size <= self.budget:
             self.held += size
@@ -80,6 +80,19 @@ class UpdateStore:
         self.held = 0
         if self.folder is not None and self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor on the CPU, contiguous, in storage of its own size.
+
+    A kept update is often a slice of a larger one (the first k rows of Vh): such a view is already
+    contiguous, and keeping it would keep the whole full-rank matrix alive (all of a round's modules
+    at full rank, not at the rank written).
+    """
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
 
 
 def _rebuilt(entry, tensors):

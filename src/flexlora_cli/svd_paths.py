@@ -275,7 +275,7 @@ def _randomized_cost(d_out, d_in, R, width, power_iters, dense, itemsize, rates)
 
 def stacked_svd(terms: TermSource, dtype: torch.dtype = torch.float32) -> LowRank:
     """The existing factored path (`flexlora.merge`): all clients stacked at once."""
-    return flexlora.merge(list(_one_pass(terms)), dtype)
+    return flexlora.merge(_one_pass(terms), dtype)
 
 
 def dense_accumulate(terms: TermSource, shape: tuple[int, int], dtype: torch.dtype = torch.float32, device=None) -> Tensor:
