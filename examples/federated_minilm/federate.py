@@ -14,6 +14,7 @@ plots.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -45,12 +46,15 @@ FULL = dict(distributions="all", variants="full")
 
 def jobs_plan(config: dict) -> tuple[list[tuple[str, str]], list[int]]:
     """(distribution, variant) settings to run, and the seeds."""
-    from federation import CORE, FULL as FULL_VARIANTS, VARIANTS
+    from federation import CORE, DP, FULL as FULL_VARIANTS, VARIANTS
 
-    names = {"core": CORE, "full": FULL_VARIANTS}.get(config["variants"]) or tuple(config["variants"].split(","))
+    names = {"core": CORE, "full": FULL_VARIANTS, "dp": DP}.get(config["variants"]) or tuple(config["variants"].split(","))
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    stray = [n for n in config.get("fixed_lr") or {} if not fnmatch.filter(names, n)]
+    if stray:
+        raise SystemExit(f"--fixed-lr names variants this run does not have: {', '.join(stray)}")
     distributions = list(tasks.DISTRIBUTIONS) if config["distributions"] == "all" else config["distributions"].split(",")
     settings = []
     for name in names:
@@ -191,6 +195,8 @@ def sweep(config: dict) -> dict:
     # Each method's rate is tuned once, under the first distribution; the others run at it (as the issue asks:
     # tuned once, on one seed's validation split). `--tune-each` tunes every (distribution, method) instead.
     tuned = settings if config.get("tune_each") else [(d, v) for d, v in settings if d == settings[0][0] or VARIANTS[v].distribution_free]
+    fixed = fixed_rates(config, [v for _, v in settings])  # `--fixed-lr NAME=RATE`: not tuned, every seed at RATE
+    tuned = [(d, v) for d, v in tuned if v not in fixed]
     tuned_in = {v: d for d, v in reversed(tuned)}
     tuning_jobs = [dict(distribution=d, variant=v, seed=tune_seed, lr=lr) for d, v in tuned for lr in grid]
     tuning_jobs.sort(key=lambda j: order.get(j["variant"], 9))
@@ -205,7 +211,8 @@ def sweep(config: dict) -> dict:
         tuning.setdefault(d, {})[v] = {"grid": grid, "validation": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best,
                                        "at_edge": len(grid) > 1 and best in (grid[0], grid[-1])}  # fmt: skip
     for d, v in settings:
-        chosen.setdefault((d, v), chosen[tuned_in[v], v])
+        if (d, v) not in chosen:
+            chosen[d, v] = fixed[v] if v in fixed else chosen[tuned_in[v], v]
     for run in runs:
         run["tuning_only"] = run["lr"] != chosen[run["distribution"], run["variant"]]
     rest = [dict(distribution=d, variant=v, seed=s, lr=chosen[d, v]) for d, v in settings for s in seeds
@@ -224,7 +231,8 @@ def sweep(config: dict) -> dict:
         "reused_from": config.get("reuse"),
         "variants": {name: {"title": VARIANTS[name].title, "method": VARIANTS[name].method, "ranks": VARIANTS[name].ranks,
                             "balanced": VARIANTS[name].balanced, "pruning": VARIANTS[name].pruning,
-                            "distribution_free": VARIANTS[name].distribution_free} for _, name in settings},  # fmt: skip
+                            "distribution_free": VARIANTS[name].distribution_free, "privacy": VARIANTS[name].privacy,
+                            "fixed_lr": fixed.get(name)} for _, name in settings},  # fmt: skip
         "distributions": sorted({d for d, _ in settings}, key=list(tasks.DISTRIBUTIONS).index),
         "seeds": seeds,
         "tune_seed": tune_seed,
@@ -308,7 +316,7 @@ def parse(argv=None) -> dict:
     parser.add_argument("--seeds", help=f"comma-separated seeds (default {DEFAULTS['seeds']})")
     parser.add_argument("--tune-seed", type=int, help="the seed whose validation tasks choose each method's learning rate")
     parser.add_argument("--distributions", help="comma-separated rank distributions, or all: " + ", ".join(tasks.DISTRIBUTIONS))
-    parser.add_argument("--variants", help="core, full, or comma-separated names (see federation.VARIANTS)")
+    parser.add_argument("--variants", help="core, full, dp (FlexLoRA and its DP variants), or comma-separated names (see federation.VARIANTS)")
     parser.add_argument("--lr-grid", help="comma-separated learning rates to choose from")
     for name in ("clients", "per_round", "rounds", "steps", "batch_size", "eval_every", "validation_tasks", "test_tasks",
                  "items_per_task", "eval_items", "local_eval_clients", "cli_rounds"):  # fmt: skip
@@ -320,6 +328,9 @@ def parse(argv=None) -> dict:
     parser.add_argument("--work", help="keep every round's adapters here (default: a temporary folder, deleted)")
     parser.add_argument("--cache", help="corpus cache folder (default $FLEXLORA_EXAMPLE_CACHE or ~/.cache/flexlora-example)")
     parser.add_argument("--tune-each", action="store_true", help="tune every (distribution, method) (default: each method once, under the first distribution)")
+    parser.add_argument("--fixed-lr", action="append", metavar="NAME=RATE", type=_fixed_rate,
+                        help="run variant NAME (a shell pattern: 'flexlora-dp-*') at learning rate RATE on every seed, not tuned "
+                             "(repeatable); the grid still tunes the others")
     parser.add_argument("--reuse", action="append", help="an earlier results.json with the same setup: its runs are taken, not run again (repeatable)")
     args = parser.parse_args(argv)
     config = dict(DEFAULTS)
@@ -327,9 +338,31 @@ def parse(argv=None) -> dict:
     for key, value in vars(args).items():
         if value is not None and key not in ("quick", "full"):
             config[key] = value
+    if args.fixed_lr:
+        config["fixed_lr"] = dict(args.fixed_lr)
     plain = all(config[k] == DEFAULTS[k] for k in ("seeds", "distributions", "variants"))
     config["mode"] = "quick" if args.quick else "full" if args.full else "default" if plain else "custom"
     return config
+
+
+def fixed_rates(config: dict, variants: list[str]) -> dict[str, float]:
+    """variant -> its --fixed-lr rate (the first NAME=RATE whose NAME, a shell pattern, matches it)."""
+    rates = {}
+    for pattern, rate in (config.get("fixed_lr") or {}).items():
+        for name in fnmatch.filter(variants, pattern):
+            rates.setdefault(name, rate)
+    return rates
+
+
+def _fixed_rate(text: str) -> tuple[str, float]:
+    name, _, rate = text.partition("=")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = float("nan")
+    if not name or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=RATE with a positive RATE, e.g. 'flexlora-dp-*=0.05'; got {text!r}")
+    return name, value
 
 
 def dumps(results: dict) -> str:

@@ -28,7 +28,7 @@ METRICS = {
 }
 REFERENCE = "flexlora"
 ORDER = ("flexlora", "flexlora-balanced", "flexlora-rmin", "raflora", "hetlora", "lora-fair", "flora", "fedavg-rmin", "fedavg-rmax",
-         "local", "centralised", "flexlora-dp")  # how tables and legends list the methods  # fmt: skip
+         "local", "centralised", "flexlora-dp-s0.03", "flexlora-dp-s0.1", "flexlora-dp-s0.3", "flexlora-dp-s1")  # how tables and legends list the methods  # fmt: skip
 
 
 def bootstrap(per_seed: list[np.ndarray], replicates: int = REPLICATES, key: str = "") -> tuple[float, float, float]:
@@ -133,8 +133,63 @@ def compact_table(results: dict, distribution: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def privacy_table(results: dict, distribution: str) -> str:
+    """The DP variants against non-private FlexLoRA: accuracy, paired differences, and the (epsilon, delta)
+    that flexlora's ledger reported after the last round ("" when the run has no DP variant)."""
+    private = [v for v in variants_in(results, distribution) if results["variants"][v].get("privacy")]
+    if not private:
+        return ""
+    seeds = results["seeds"]
+    head = ["method", "clip C", "noise multiplier sigma", "epsilon (delta)", "lr", "unseen tasks", "clients' tasks",
+            f"{_title(results, REFERENCE)} minus this: unseen tasks", f"{_title(results, REFERENCE)} minus this: clients' tasks",
+            "FlexLoRA better on seeds", "uploads clipped"]  # fmt: skip
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = {m: final_scores(results, distribution, REFERENCE, m) for m in ("test", "seen")}
+    for variant in ([REFERENCE] if reference["test"] else []) + private:
+        runs = _runs(results, distribution, variant)
+        if variant == REFERENCE:
+            cells = [_title(results, variant), "–", "–", "none (no DP)"]
+        else:
+            clip, sigma = results["variants"][variant]["privacy"]
+            reports = [r["privacy"] for r in runs]
+            epsilons = sorted({round(p["epsilon"], 6) for p in reports})  # one value: the same rounds and rates every seed
+            eps = "/".join(f"{e:.3g}" for e in epsilons)
+            cells = [_title(results, variant), f"{clip:g}", f"{sigma:g}", f"{eps} ({reports[0]['delta']:g}, {reports[0]['rounds']} rounds)"]
+        cells.append(f"{_lr(results, distribution, variant):g}")
+        for metric in ("test", "seen"):
+            scores = final_scores(results, distribution, variant, metric)
+            cells.append(_fmt(*bootstrap([scores[s] for s in seeds], key=f"{distribution}/{variant}/{metric}")))
+        for metric in ("test", "seen"):
+            if variant == REFERENCE or not reference[metric]:
+                cells.append("–")
+                continue
+            scores = final_scores(results, distribution, variant, metric)
+            diffs = [reference[metric][s] - scores[s] for s in seeds]
+            cells.append(_fmt(*bootstrap(diffs, key=f"{distribution}/{variant}/{metric}/diff"), signed=True))
+        if variant == REFERENCE or not reference["test"]:
+            cells.append("–")
+        else:
+            mine = final_scores(results, distribution, variant, HEADLINE)
+            cells.append(f"{sum(reference[HEADLINE][s].mean() > mine[s].mean() for s in seeds)}/{len(seeds)}")
+        clipped = [c for r in runs for c in r.get("clipped") or [] if c is not None]
+        uploads = [len(n) for r in runs for n in r.get("client_norms") or [] if n is not None]
+        cells.append(f"{sum(clipped) / sum(uploads):.0%}" if uploads and variant != REFERENCE else "–")
+        rows.append("| " + " | ".join(cells) + " |")
+    zero = [_fmt(*bootstrap([zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}")) for m in ("test", "seen")]
+    if reference["test"]:
+        zero += [_fmt(*bootstrap([reference[m][s] - zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}/diff"), signed=True)
+                 for m in ("test", "seen")]  # fmt: skip
+        zero.append(f"{sum(reference[HEADLINE][s].mean() > zero_scores(results, HEADLINE)[s].mean() for s in seeds)}/{len(seeds)}")
+    else:
+        zero += ["–"] * 3
+    rows.append("| base model, no training | – | – | – | – | " + " | ".join(zero) + " | – |")
+    return "\n".join(rows) + "\n"
+
+
 def tuning_table(results: dict) -> str:
     """Validation score at each learning rate of the grid (the tuning seed), per distribution and method."""
+    if not any(results["tuning"].values()):  # every variant at a fixed rate (--fixed-lr)
+        return ""
     grid = next(iter(next(iter(results["tuning"].values())).values()))["grid"]
     rows = ["| distribution | method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |", "|" + "---|" * (len(grid) + 3)]
     for distribution, variants in results["tuning"].items():
@@ -182,8 +237,14 @@ def markdown(results: dict) -> str:
     ]
     for distribution in results["distributions"]:
         parts.append(f"**{distribution}**\n\n" + table(results, distribution))
-    parts.append("Validation score by learning rate (tuning seed; mean of the unseen validation tasks' and the clients' held-out "
-                 "validation items' accuracy, last round):\n\n" + tuning_table(results))
+        private = privacy_table(results, distribution)
+        if private:
+            parts.append(f"Differential privacy (**{distribution}**; epsilon at delta from flexlora's ledger, dp-accounting's RDP "
+                         "accountant, after the last round):\n\n" + private)
+    tuned = tuning_table(results)
+    if tuned:
+        parts.append("Validation score by learning rate (tuning seed; mean of the unseen validation tasks' and the clients' held-out "
+                     "validation items' accuracy, last round):\n\n" + tuned)
     pruning = ranks_table(results)
     if pruning:
         parts.append("Rank self-pruning:\n\n" + pruning)
@@ -199,7 +260,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     distributions = results["distributions"]
-    palette = [*plt.get_cmap("tab10").colors, "black", "gray"]
+    palette = [*plt.get_cmap("tab10").colors, "black", "gray", "olive", "teal", "navy"]
     colors = dict(zip(ORDER, palette))
     panels = {
         "accuracy_by_round.png": [("test", "unseen tasks: accuracy"), ("seen", "clients' tasks: accuracy")],
@@ -268,11 +329,16 @@ def main(argv=None) -> None:
     parser.add_argument("--readme", type=Path, action="append", default=[], help="markdown file(s) with a results block to rewrite")
     parser.add_argument("--block", default="default", help="the block's name: <!-- results:NAME -->")
     parser.add_argument("--compact", action="store_true", help="only the first distribution's headline columns (for the top README)")
+    parser.add_argument("--privacy", action="store_true", help="only the first distribution's differential-privacy table")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
     write(results, args.results.parent)
     for readme in args.readme:
-        text = compact_table(results, results["distributions"][0]) + "\n" + timing_line(results) if args.compact else markdown(results)
+        first = results["distributions"][0]
+        if args.privacy:
+            text = privacy_table(results, first) + "\n" + timing_line(results)
+        else:
+            text = compact_table(results, first) + "\n" + timing_line(results) if args.compact else markdown(results)
         replace_block(readme, args.block, text)
 
 

@@ -43,7 +43,7 @@ def aggregate(
 ) -> dict:
     """One server round: OUT/<client>/ (per-client methods) and OUT/global/. Returns the report.
 
-    `num_samples` weights the clients (None: uniform); `privacy` is {clip, noise, sampling_rate, ledger, seed}.
+    `num_samples` weights the clients (None: uniform); `privacy` is {clip, noise, sampling_rate, ledger, delta, seed}.
     """
     if cli:
         return _aggregate_cli(method, uploads, num_samples, out, balanced, privacy)
@@ -55,7 +55,7 @@ def aggregate(
         from flexlora_cli.privacy import Privacy
 
         trust = {"clip": privacy["clip"], "privacy": Privacy(noise=privacy["noise"], sampling_rate=privacy["sampling_rate"],
-                                                             ledger=privacy["ledger"], seed=privacy["seed"])}  # fmt: skip
+                                                             ledger=privacy["ledger"], seed=privacy["seed"], delta=privacy["delta"])}  # fmt: skip
     return api.aggregate([f"{name}={path}" for name, path in uploads], out, num_samples=num_samples, method=method,
                          global_=True, compute=Compute(balanced=balanced), **trust)  # fmt: skip
 
@@ -64,7 +64,7 @@ def _aggregate_cli(method, uploads, num_samples, out, balanced, privacy) -> dict
     flags = ["--num-samples", ",".join(map(str, num_samples))] if num_samples else []
     if privacy:
         flags += ["--clip", str(privacy["clip"]), "--dp-noise", str(privacy["noise"]), "--dp-sampling-rate", str(privacy["sampling_rate"]),
-                  "--dp-ledger", str(privacy["ledger"]), "--seed", str(privacy["seed"])]  # fmt: skip
+                  "--dp-ledger", str(privacy["ledger"]), "--dp-delta", str(privacy["delta"]), "--seed", str(privacy["seed"])]  # fmt: skip
     command = [*flexlora_command(), "aggregate", *(f"{name}={path}" for name, path in uploads), "--method", method,
                "--global", "-o", str(out), "--json", *(["--balanced"] if balanced else []), *flags]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
