@@ -253,3 +253,18 @@ def test_a_private_round_pushes_each_client_its_own_adapter_naming_no_one_else(c
             text = b"".join(remote.values())
             assert not any(other.encode() in text for other in names if other != name), name
             assert not any(number.encode() in text for number in norms) and b"## Differential privacy" in remote["README.md"]
+
+
+def test_one_seed_gives_each_round_of_a_ledger_its_own_noise(clients, tmp_path):
+    """Identical noise in two rounds would cancel in their difference: with a ledger, the round number is
+    part of the noise's seed. Without one, the report warns that the same seed repeats the noise."""
+    ledger = tmp_path / "rounds.json"
+    run(*private(clients, tmp_path / "r1", "--seed", 7, "--global", "--dp-ledger", ledger))
+    run(*private(clients, tmp_path / "r2", "--seed", 7, "--global", "--dp-ledger", ledger))
+    first, second = written_deltas(tmp_path / "r1" / "global"), written_deltas(tmp_path / "r2" / "global")
+    exact = clipped_sum(clients, WEIGHTS, 2.0)
+    for name in exact:
+        a, b = (first[name] - exact[name]).flatten(), (second[name] - exact[name]).flatten()
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) <= 5 / math.sqrt(a.numel()), name
+    report = run_json(*private(clients, tmp_path / "r3", "--seed", 7))
+    assert "--seed without --dp-ledger" in " ".join(report["notes"])

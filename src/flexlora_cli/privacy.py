@@ -77,16 +77,18 @@ def noise_std(noise_multiplier: float, clip: float, weights: Sequence[float]) ->
     return noise_multiplier * clip * max(weights)
 
 
-def module_noise(std: float, name: str, seed: int | None = None) -> NoiseFn:
-    """The noise of one module: N(0, std^2) per entry, from a generator seeded by (seed, module name), or
-    with seed None by 64 bits from the OS's secure source (`secrets`), drawn when the noise is and kept
-    nowhere. Seeding by name makes a module's noise independent of which other modules the round has."""
+def module_noise(std: float, name: str, seed: int | None = None, round_key: str = "") -> NoiseFn:
+    """The noise of one module: N(0, std^2) per entry, from a generator seeded by (seed, round_key, module
+    name), or with seed None by 64 bits from the OS's secure source (`secrets`), drawn when the noise is and
+    kept nowhere. Seeding by name makes a module's noise independent of which other modules the round has;
+    `round_key` (the ledger's federation and round number) makes one seed give each round its own noise (the
+    same noise twice would cancel in the difference of two rounds)."""
     if not (std > 0 and math.isfinite(std)):
         raise ValueError(f"the noise standard deviation must be positive and finite, got {std!r}")
 
     def draw(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
         generator = torch.Generator(device=device)
-        generator.manual_seed(_module_seed(seed, name) if seed is not None else secrets.randbits(64))
+        generator.manual_seed(_module_seed(seed, name, round_key) if seed is not None else secrets.randbits(64))
         return torch.randn(shape, generator=generator, dtype=dtype, device=device).mul_(std)
 
     return draw
@@ -151,8 +153,9 @@ def accountant_name() -> str:
         return f"{ACCOUNTANT} (dp-accounting)"
 
 
-def _module_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"flexlora-dp-noise:{seed}:{name}".encode()).digest()[:8], "little")
+def _module_seed(seed: int, name: str, round_key: str = "") -> int:
+    key = f"flexlora-dp-noise:{seed}:{round_key}:{name}" if round_key else f"flexlora-dp-noise:{seed}:{name}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
 @contextlib.contextmanager

@@ -104,7 +104,8 @@ def private_round(privacy: Privacy, clip: float, adapters: Sequence[Adapter], sh
         "new_ledger": ledger.new if ledger else None,
     }
     entry = {"noise_multiplier": privacy.noise, "sampling_rate": privacy.sampling_rate}
-    return PrivateRound(report, (ledger, entry) if ledger else None, lambda name: module_noise(std, name, privacy.seed))
+    round_key = f"{ledger.federation['id']}:{len(rounds)}" if ledger else ""  # a seed repeats no round's noise
+    return PrivateRound(report, (ledger, entry) if ledger else None, lambda name: module_noise(std, name, privacy.seed, round_key))
 
 
 def screen_settings(screen: str | None, threshold: float | None) -> dict[str, Any] | None:
@@ -127,6 +128,9 @@ def trust_notes(adapters: Sequence[Adapter], verdict: Verdict, privacy: Privacy 
     ]
     if privacy is not None and privacy.seed is not None:
         notes.append("--seed makes the noise reproducible: whoever knows the seed can remove it; use it for tests only")
+        if privacy.ledger is None:
+            notes.append("--seed without --dp-ledger: the same seed in another round repeats this round's noise exactly "
+                         "(with a ledger each round's noise differs)")
     if private is not None and private.report["new_ledger"]:
         notes.append(f"started a new DP ledger {private.report['ledger']}: this round is its federation's first private round")
     return notes
