@@ -123,7 +123,7 @@ def factored_svd(B: Tensor, A: Tensor) -> LowRank:
     Uc, S, Vhc = (part.to(torch.float64) for part in torch.linalg.svd(core, full_matrices=False))
     U = qr.combine(B, b, Uc)
     Vh = qr.combine(A.mT, a, Vhc.mT, rows=True)
-    return canonical_signs(LowRank(U, (S * norm).float(), Vh))
+    return canonical_signs(LowRank(U, (S * norm).float(), Vh), inplace=True)  # U and Vh are this call's own
 
 
 def _householder_svd(B: Tensor, A: Tensor) -> LowRank:
@@ -216,16 +216,22 @@ def rank_for_energy(S: Tensor, share: float) -> int:
     return int(reached[0]) + 1 if reached.numel() else int(S.numel())
 
 
-def canonical_signs(svd: LowRank) -> LowRank:
+def canonical_signs(svd: LowRank, inplace: bool = False) -> LowRank:
     """Fix each singular pair's sign so the largest-magnitude entry of U's column is positive.
 
-    An SVD is unique only up to the sign of each pair; this makes outputs reproducible.
+    An SVD is unique only up to the sign of each pair; this makes outputs reproducible. `inplace`
+    flips U and Vh where they are (for factors the caller owns: no copies of a large U).
     """
     if svd.S.numel() == 0:
         return svd
-    pivots = svd.U.abs().argmax(dim=0)
+    width = max(1, (1 << 22) // max(svd.U.shape[0], 1))  # columns per 16 MB (fp32) slice of |U|
+    pivots = torch.cat([svd.U[:, j : j + width].abs().argmax(dim=0) for j in range(0, svd.U.shape[1], width)])
     signs = torch.sign(svd.U.gather(0, pivots[None, :])).squeeze(0)
     signs[signs == 0] = 1
+    if inplace:
+        svd.U.mul_(signs)
+        svd.Vh.mul_(signs[:, None])
+        return svd
     return LowRank(svd.U * signs, svd.S, signs[:, None] * svd.Vh)
 
 
