@@ -102,15 +102,19 @@ def table(results: dict, distribution: str) -> str:
         energies = [run["energy"][-1] for run in _runs(results, distribution, variant) if run["energy"]]
         cells.append(f"{np.mean(energies):.3f}" if energies else "–")
         rows.append("| " + " | ".join(cells) + " |")
-    zero = [_fmt(*bootstrap([zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}")) for m in METRICS]
-    if reference["test"]:  # paired with the base model's predictions on the same seed and items
-        zero += [_fmt(*bootstrap([reference[m][s] - zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}/diff"), signed=True)
-                 for m in ("test", "seen")]  # fmt: skip
-        zero.append(f"{sum(reference[HEADLINE][s].mean() > zero_scores(results, HEADLINE)[s].mean() for s in seeds)}/{len(seeds)}")
-    else:
-        zero += ["–"] * 3
-    rows.append("| base model, no training | – | " + " | ".join(zero) + " | – |")
+    rows.append("| base model, no training | – | " + " | ".join(_base_model_cells(results, reference, seeds, METRICS)) + " | – |")
     return "\n".join(rows) + "\n"
+
+
+def _base_model_cells(results: dict, reference: dict, seeds, metrics) -> list[str]:
+    """The base model's row: its scores, and FlexLoRA minus it paired on the same seeds and items."""
+    zero = [_fmt(*bootstrap([zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}")) for m in metrics]
+    if not reference["test"]:
+        return zero + ["–"] * 3
+    zero += [_fmt(*bootstrap([reference[m][s] - zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}/diff"), signed=True)
+             for m in ("test", "seen")]  # fmt: skip
+    zero.append(f"{sum(reference[HEADLINE][s].mean() > zero_scores(results, HEADLINE)[s].mean() for s in seeds)}/{len(seeds)}")
+    return zero
 
 
 def compact_table(results: dict, distribution: str) -> str:
@@ -175,14 +179,7 @@ def privacy_table(results: dict, distribution: str) -> str:
         uploads = [len(n) for r in runs for n in r.get("client_norms") or [] if n is not None]
         cells.append(f"{sum(clipped) / sum(uploads):.0%}" if uploads and variant != REFERENCE else "–")
         rows.append("| " + " | ".join(cells) + " |")
-    zero = [_fmt(*bootstrap([zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}")) for m in ("test", "seen")]
-    if reference["test"]:
-        zero += [_fmt(*bootstrap([reference[m][s] - zero_scores(results, m)[s] for s in seeds], key=f"zero/{m}/diff"), signed=True)
-                 for m in ("test", "seen")]  # fmt: skip
-        zero.append(f"{sum(reference[HEADLINE][s].mean() > zero_scores(results, HEADLINE)[s].mean() for s in seeds)}/{len(seeds)}")
-    else:
-        zero += ["–"] * 3
-    rows.append("| base model, no training | – | – | – | – | " + " | ".join(zero) + " | – |")
+    rows.append("| base model, no training | – | – | – | – | " + " | ".join(_base_model_cells(results, reference, seeds, ("test", "seen"))) + " | – |")
     return "\n".join(rows) + "\n"
 
 
