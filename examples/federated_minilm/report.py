@@ -74,6 +74,23 @@ def _fmt(point: float, low: float, high: float, signed: bool = False) -> str:
     return f"{point:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
+def _paired_cells(results: dict, distribution: str, variant: str, reference: dict, seeds) -> list[str]:
+    """FlexLoRA minus this variant, paired on the same seeds and items (unseen tasks, clients' tasks), and the
+    seeds on which FlexLoRA scored higher; dashes for FlexLoRA itself or without a FlexLoRA run."""
+    cells = []
+    for metric in ("test", "seen"):
+        if variant == REFERENCE or not reference[metric]:
+            cells.append("–")
+            continue
+        scores = final_scores(results, distribution, variant, metric)
+        diffs = [reference[metric][s] - scores[s] for s in seeds]
+        cells.append(_fmt(*bootstrap(diffs, key=f"{distribution}/{variant}/{metric}/diff"), signed=True))
+    if variant == REFERENCE or not reference["test"]:
+        return cells + ["–"]
+    mine = final_scores(results, distribution, variant, HEADLINE)
+    return cells + [f"{sum(reference[HEADLINE][s].mean() > mine[s].mean() for s in seeds)}/{len(seeds)}"]
+
+
 def table(results: dict, distribution: str) -> str:
     """The markdown table of one distribution: mean [95% interval] per metric, and paired differences."""
     seeds = results["seeds"]
@@ -86,19 +103,7 @@ def table(results: dict, distribution: str) -> str:
         for metric in METRICS:
             scores = final_scores(results, distribution, variant, metric)
             cells.append(_fmt(*bootstrap([scores[s] for s in seeds], key=f"{distribution}/{variant}/{metric}")))
-        for metric in ("test", "seen"):
-            scores = final_scores(results, distribution, variant, metric)
-            if variant == REFERENCE or not reference[metric]:
-                cells.append("–")
-                continue
-            diffs = [reference[metric][s] - scores[s] for s in seeds]
-            cells.append(_fmt(*bootstrap(diffs, key=f"{distribution}/{variant}/{metric}/diff"), signed=True))
-        if variant == REFERENCE or not reference["test"]:
-            cells.append("–")
-        else:
-            mine = final_scores(results, distribution, variant, HEADLINE)
-            wins = sum(reference[HEADLINE][s].mean() > mine[s].mean() for s in seeds)
-            cells.append(f"{wins}/{len(seeds)}")
+        cells += _paired_cells(results, distribution, variant, reference, seeds)
         energies = [run["energy"][-1] for run in _runs(results, distribution, variant) if run["energy"]]
         cells.append(f"{np.mean(energies):.3f}" if energies else "–")
         rows.append("| " + " | ".join(cells) + " |")
@@ -163,18 +168,7 @@ def privacy_table(results: dict, distribution: str) -> str:
         for metric in ("test", "seen"):
             scores = final_scores(results, distribution, variant, metric)
             cells.append(_fmt(*bootstrap([scores[s] for s in seeds], key=f"{distribution}/{variant}/{metric}")))
-        for metric in ("test", "seen"):
-            if variant == REFERENCE or not reference[metric]:
-                cells.append("–")
-                continue
-            scores = final_scores(results, distribution, variant, metric)
-            diffs = [reference[metric][s] - scores[s] for s in seeds]
-            cells.append(_fmt(*bootstrap(diffs, key=f"{distribution}/{variant}/{metric}/diff"), signed=True))
-        if variant == REFERENCE or not reference["test"]:
-            cells.append("–")
-        else:
-            mine = final_scores(results, distribution, variant, HEADLINE)
-            cells.append(f"{sum(reference[HEADLINE][s].mean() > mine[s].mean() for s in seeds)}/{len(seeds)}")
+        cells += _paired_cells(results, distribution, variant, reference, seeds)
         clipped = [c for r in runs for c in r.get("clipped") or [] if c is not None]
         uploads = [len(n) for r in runs for n in r.get("client_norms") or [] if n is not None]
         cells.append(f"{sum(clipped) / sum(uploads):.0%}" if uploads and variant != REFERENCE else "–")
