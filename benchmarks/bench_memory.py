@@ -36,7 +36,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -386,14 +385,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="flexlora-memory-", dir=args.workdir))  # never delete what we did not create
-    try:
+    with bench_round.scratch_folder(args.workdir, "flexlora-memory-", keep=args.keep) as workdir:
         report = benchmark(args, workdir)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

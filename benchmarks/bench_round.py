@@ -29,6 +29,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -725,19 +726,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def scratch_folder(parent: Path | None, prefix: str, keep: bool = False):
+    """A new temporary folder (in `parent`, created if needed), deleted afterwards unless `keep`: the
+    benchmarks never delete a folder they did not create."""
+    if parent:
+        parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield folder
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == [CHILD]:
         return child_main(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the generated data when killed
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="flexlora-bench-", dir=args.workdir))  # never delete what we did not create
-    try:
+    with scratch_folder(args.workdir, "flexlora-bench-", keep=args.keep) as workdir:
         report = benchmark(args, workdir)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     print_tables(report)
     if args.json_:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
